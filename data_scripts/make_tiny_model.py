@@ -1,0 +1,123 @@
+"""Build a small TrOCR offline: a ViT encoder and a TrOCR decoder from configs, and a
+byte-level BPE tokenizer trained on the dataset's training texts with RoBERTa's special
+tokens (<s>=0, <pad>=1, </s>=2, <unk>=3), saved as a normal checkpoint folder with its
+processor, loadable by VisionEncoderDecoderModel / TrOCRProcessor.from_pretrained.
+
+    python data_scripts/make_tiny_model.py --dataset data/synthetic --output_dir models/tiny
+"""
+
+import argparse
+
+import torch
+from datasets import load_from_disk
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    TrOCRConfig,
+    TrOCRProcessor,
+    ViTConfig,
+    ViTImageProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+)
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+# Sizes for the two uses: `demo` learns to read synthetic lines on a CPU in minutes,
+# `tiny` only has to run through every code path in seconds (tests, recipes/tiny.json).
+PRESETS = {
+    "demo": dict(hidden_size=160),
+    "tiny": dict(width=128, hidden_size=32, encoder_layers=1, decoder_layers=1, heads=2, vocab_size=300),
+}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    # As RoBERTa's tokenizer: `<s> text </s>` by default, the behaviour the recipe must undo.
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
+    encoder = ViTConfig(
+        image_size=[args.height, args.width],
+        patch_size=args.patch_size if len(args.patch_size) == 2 else args.patch_size[0],
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.encoder_layers,
+        num_attention_heads=args.heads,
+        intermediate_size=4 * args.hidden_size,
+        qkv_bias=True,
+    )
+    decoder = TrOCRConfig(
+        vocab_size=len(tokenizer),
+        d_model=args.hidden_size,
+        decoder_layers=args.decoder_layers,
+        decoder_attention_heads=args.heads,
+        decoder_ffn_dim=4 * args.hidden_size,
+        max_position_embeddings=args.max_positions,
+        activation_function="gelu",
+        use_learned_position_embeddings=True,
+        layernorm_embedding=True,
+        scale_embedding=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    torch.manual_seed(args.seed)
+    return VisionEncoderDecoderModel(config=config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="save_to_disk folder whose train texts train the tokenizer.")
+    parser.add_argument("--output_dir", required=True, help="Checkpoint folder to write.")
+    parser.add_argument("--text_column", default="text", help="Column of the transcriptions.")
+    parser.add_argument("--vocab_size", type=int, default=400, help="Tokenizer vocabulary, special tokens included.")
+    parser.add_argument("--height", type=int, default=32, help="Model input height in pixels.")
+    parser.add_argument("--width", type=int, default=384, help="Model input width in pixels.")
+    parser.add_argument(
+        "--patch_size", type=int, nargs="+", default=[16, 4], help="ViT patch: one size, or height and width."
+    )
+    parser.add_argument("--hidden_size", type=int, default=128, help="Encoder and decoder width.")
+    parser.add_argument("--encoder_layers", type=int, default=4, help="ViT layers.")
+    parser.add_argument("--decoder_layers", type=int, default=2, help="TrOCR decoder layers.")
+    parser.add_argument("--heads", type=int, default=4, help="Attention heads in both.")
+    parser.add_argument("--max_positions", type=int, default=128, help="Longest decoder sequence.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the initial weights.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="Size defaults; explicit flags still override.")
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+
+    texts = load_from_disk(args.dataset)["train"][args.text_column]
+    tokenizer = train_tokenizer(texts, args.vocab_size)
+    image_processor = ViTImageProcessor(
+        size={"height": args.height, "width": args.width},
+        resample=Image.BICUBIC,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    model = build_model(tokenizer, args)
+    model.generation_config.decoder_start_token_id = tokenizer.eos_token_id
+    model.save_pretrained(args.output_dir)
+    TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(args.output_dir)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"Wrote a {parameters / 1e6:.2f}M-parameter TrOCR, vocabulary {len(tokenizer)}, to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

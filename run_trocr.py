@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Fine-tune and evaluate TrOCR (VisionEncoderDecoderModel) on handwritten text lines the
+way the TrOCR paper did, with Seq2SeqTrainer and generate-based CER.
+
+    accelerate launch run_trocr.py recipes/small.json [--flag value ...]
+
+The recipe JSON gives the defaults, flags override them; `--help` lists every argument.
+"""
+
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from trocr_recipe.args import parse_recipe
+from trocr_recipe.data import OcrCollator, line_ids, load_splits, longest_label, tokenize_splits, with_image_transforms
+from trocr_recipe.metrics import GeneratedTextMetrics
+from trocr_recipe.modeling import configure_generation, load_model_and_processor
+from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_predictions
+from trocr_recipe.trainer import OcrTrainer, load_checkpoint_weights
+
+logger = logging.getLogger("run_trocr")
+
+
+class LossLogCallback(TrainerCallback):
+    """Writes the trainer's per-step loss to loss_log.jsonl (main process only)."""
+
+    def __init__(self, output_dir: str):
+        self.log = LossLog(output_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.log.start(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.log.append(state.global_step, logs["loss"], logs.get("learning_rate"), logs.get("epoch"))
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    # The run's own progress and results are shown on the main process whatever the
+    # libraries' verbosity.
+    logger.setLevel(logging.INFO if training_args.should_log else level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def find_checkpoint(training_args) -> str | None:
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        return get_last_checkpoint(training_args.output_dir)
+    return None
+
+
+def evaluate_split(trainer, metrics, split, references, prefix):
+    """Generate on one split and score it against its raw reference strings."""
+    metrics.references = references
+    output = trainer.predict(split, metric_key_prefix=prefix)
+    return output.metrics, metrics.predictions
+
+
+def main(argv=None):
+    # 1. Arguments: recipe JSON as defaults, flags override, unknown keys are errors.
+    model_args, data_args, training_args = parse_recipe(argv)
+    # The image transform reads the raw image and text columns: the trainer must not drop them.
+    training_args.remove_unused_columns = False
+    # loss_log.jsonl holds one row per optimizer step: it is what runs are compared on.
+    training_args.logging_steps = 1
+    setup_logging(training_args)
+    logger.info("Training arguments %s", training_args)
+
+    # 2. Resume from the last checkpoint in output_dir, if any.
+    checkpoint = find_checkpoint(training_args)
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+    set_seed(training_args.seed)
+
+    # 3. Model and processor, special tokens set on config and generation_config.
+    model, processor = load_model_and_processor(model_args)
+    tokenizer = processor.tokenizer
+
+    # 4. Data: labels tokenized once (text + </s>), images transformed on the fly.
+    with training_args.main_process_first(desc="dataset loading and label tokenization"):
+        splits = load_splits(data_args, model_args.cache_dir)
+        truncated = tokenize_splits(splits, tokenizer, data_args)
+    for role, count in truncated.items():
+        if count:
+            logger.warning("%d %s labels longer than max_target_length=%d were truncated",
+                           count, role, data_args.max_target_length)
+    configure_generation(model, training_args, longest_label(splits))
+    logger.info("Generation: %s", model.generation_config.to_diff_dict())
+    references = {role: list(split[data_args.text_column]) for role, split in splits.items()}
+    ids = {role: line_ids(split, data_args.id_column) for role, split in splits.items()}
+    inputs = with_image_transforms(splits, data_args, processor.image_processor)
+
+    # 5. Trainer: generate-based CER on validation, the best checkpoint kept by it.
+    metrics = GeneratedTextMetrics(tokenizer, references["validation"])
+    trainer = OcrTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=inputs["train"] if training_args.do_train else None,
+        eval_dataset=inputs["validation"],
+        processing_class=processor,
+        data_collator=OcrCollator.from_image_processor(processor.image_processor),
+        compute_metrics=metrics,
+        callbacks=[LossLogCallback(training_args.output_dir)],
+    )
+    if data_args.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
+    results = {f"{role}_truncated_labels": count for role, count in truncated.items()}
+
+    # 6. Baseline: the starting model on validation, before any update.
+    if training_args.do_eval:
+        baseline, _ = evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")
+        results.update(baseline)
+        logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])
+
+    # 7. Train; never keep a model worse than the starting one.
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        results.update(train_result.metrics)
+        best = trainer.state.best_metric
+        if training_args.do_eval and (best is None or best >= results["baseline_cer"]):
+            logger.warning(
+                "\n%s\nTRAINING NEVER BEAT THE BASELINE (best validation CER %s, baseline %.2f):\n"
+                "the saved model is the starting checkpoint %s, not a trained one.\n%s",
+                "!" * 78, best, results["baseline_cer"], model_args.model_name_or_path, "!" * 78,
+            )
+            load_checkpoint_weights(
+                trainer.accelerator.unwrap_model(trainer.model), model_args.model_name_or_path,
+                revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            )
+            results["kept_starting_model"] = True
+        trainer.save_model()
+        trainer.save_state()
+
+    # 8. Final scores: validation and test, generate-based, with predictions files.
+    for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
+        if not enabled:
+            continue
+        scores, predictions = evaluate_split(trainer, metrics, inputs[role], references[role], prefix)
+        results.update(scores)
+        if trainer.is_world_process_zero():
+            write_predictions(training_args.output_dir, role, ids[role], references[role], predictions)
+        logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
+
+    # 9. Results, model card, processor and generation config beside the model; the Hub.
+    if trainer.is_world_process_zero():
+        results = update_results(training_args.output_dir, results)
+        write_model_card(training_args.output_dir, model_args, data_args, results)
+        summary = {key: results[key] for key in ("baseline_cer", "eval_cer", "test_cer") if key in results}
+        logger.info("Results: %s", summary)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="TrOCR fine-tuned with run_trocr.py")
+    return results
+
+
+if __name__ == "__main__":
+    main()

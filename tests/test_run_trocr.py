@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import load_from_disk
+from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+
+import run_trocr
+from conftest import ROOT
+from trocr_recipe.data import encode_labels
+from trocr_recipe.modeling import generation_max_length
+from trocr_recipe.outputs import read_jsonl
+from trocr_recipe.trainer import load_checkpoint_weights
+
+
+def transcribe(folder, image):
+    """The README's three lines."""
+    processor = TrOCRProcessor.from_pretrained(folder)
+    model = VisionEncoderDecoderModel.from_pretrained(folder)
+    ids = model.generate(processor(images=image.convert("RGB"), return_tensors="pt").pixel_values)
+    return processor.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+
+
+def assert_same_weights(model_a, model_b):
+    state_b = model_b.state_dict()
+    for name, tensor in model_a.state_dict().items():
+        assert torch.equal(tensor, state_b[name]), name
+
+
+def test_tiny_run_writes_every_output(tiny_args, tiny_data, processor, tmp_path):
+    results = run_trocr.main(tiny_args + ["--max_steps", "4"])
+    out = tmp_path / "run"
+    saved = json.loads((out / "all_results.json").read_text())
+    for key in ("baseline_cer", "eval_cer", "test_cer", "eval_wer", "test_wer", "train_loss"):
+        assert isinstance(saved[key], float), key
+    assert saved["test_cer"] == results["test_cer"]
+    assert saved["eval_cer"] <= saved["baseline_cer"]
+
+    # One loss row per optimizer step.
+    steps = [row["step"] for row in read_jsonl(out / "loss_log.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+    # Every test line scored once, in dataset order, with its raw reference.
+    test = load_from_disk(str(tiny_data))["test"]
+    rows = read_jsonl(out / "predictions_test.jsonl")
+    assert [row["id"] for row in rows] == list(test["id"])
+    assert [row["reference"] for row in rows] == list(test["text"])
+
+    # The output folder is a checkpoint that transcribes an image as the run did.
+    assert transcribe(out, test[0]["image"]) == rows[0]["prediction"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["decoder_start_token_id"] == 2 and generation["num_beams"] == 2
+    texts = [text for split in load_from_disk(str(tiny_data)).values() for text in split["text"]]
+    labels, _ = encode_labels(processor.tokenizer, texts, max_target_length=256)
+    assert generation["max_length"] == generation_max_length(max(map(len, labels)))
+    # The processor is saved with every checkpoint, and a model card carries the results.
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and all((c / "processor_config.json").exists() for c in checkpoints)
+    assert "test_cer" in (out / "README.md").read_text()
+
+
+def test_final_model_is_the_best_checkpoint_or_the_start(tiny_args, tiny_model, tmp_path):
+    run_trocr.main(tiny_args + ["--max_steps", "4", "--learning_rate", "3e-3"])
+    out = tmp_path / "run"
+    results = json.loads((out / "all_results.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    expected = tiny_model if results.get("kept_starting_model") else state["best_model_checkpoint"]
+    assert_same_weights(VisionEncoderDecoderModel.from_pretrained(out), VisionEncoderDecoderModel.from_pretrained(expected))
+
+
+def test_no_update_keeps_the_starting_model_and_says_so(tiny_args, tiny_model, tmp_path, caplog):
+    results = run_trocr.main(tiny_args + ["--max_steps", "2", "--learning_rate", "0"])
+    assert results["kept_starting_model"] is True
+    assert "NEVER BEAT THE BASELINE" in caplog.text
+    assert_same_weights(VisionEncoderDecoderModel.from_pretrained(tmp_path / "run"),
+                        VisionEncoderDecoderModel.from_pretrained(tiny_model))
+
+
+def test_checkpoint_weights_load_completely(tiny_model):
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    load_checkpoint_weights(model, str(tiny_model))
+    assert_same_weights(model, VisionEncoderDecoderModel.from_pretrained(tiny_model))
+
+
+def test_unknown_key_stops_the_run(tiny_args):
+    with pytest.raises(SystemExit, match="no_such_key"):
+        run_trocr.main(tiny_args + ["--no_such_key", "1"])
+
+
+def test_accelerate_launch(tiny_args, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(ROOT / "run_trocr.py"),
+               *tiny_args, "--max_steps", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert {"baseline_cer", "eval_cer", "test_cer"} <= set(results)

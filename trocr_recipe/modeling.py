@@ -1,0 +1,48 @@
+"""Model and processor loading, special tokens on both configs, and the generation config."""
+
+import math
+
+from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+
+
+def load_model_and_processor(model_args):
+    """From a Hub id or a local folder; the processor comes with the checkpoint by default."""
+    source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    processor = TrOCRProcessor.from_pretrained(
+        model_args.processor_name_or_path or model_args.model_name_or_path, **source
+    )
+    model = VisionEncoderDecoderModel.from_pretrained(model_args.model_name_or_path, **source)
+    set_special_tokens(model, processor.tokenizer)
+    return model, processor
+
+
+def set_special_tokens(model, tokenizer) -> None:
+    """The pretrained TrOCR decoder starts from `</s>`, not `<s>`. Generation reads
+    `generation_config`, the loss's label shift reads `config`: both must agree."""
+    for config in (model.config, model.generation_config):
+        config.decoder_start_token_id = tokenizer.eos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+
+
+def generation_max_length(longest_label: int) -> int:
+    """Room for the longest label (</s> included) plus the start token and a 10% margin,
+    so that no reference line is cut; never the checkpoints' default of 20."""
+    return math.ceil(1.1 * longest_label) + 1
+
+
+def configure_generation(model, training_args, longest_label: int) -> None:
+    """Beam search as the paper decoded (length penalty 1, no n-gram blocking). The
+    training arguments' generation knobs are the only ones; they are written into the
+    model's generation config so that the saved model decodes the same way."""
+    if training_args.generation_max_length is None:
+        training_args.generation_max_length = generation_max_length(longest_label)
+    if training_args.generation_num_beams is None:
+        training_args.generation_num_beams = model.generation_config.num_beams or 1
+    config = model.generation_config
+    config.max_length = training_args.generation_max_length
+    config.num_beams = training_args.generation_num_beams
+    config.length_penalty = 1.0
+    config.no_repeat_ngram_size = 0
+    config.early_stopping = config.num_beams > 1

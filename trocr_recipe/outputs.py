@@ -1,0 +1,119 @@
+"""What a run writes, the same for both loops: the per-step loss log, predictions files,
+all_results.json and the model card."""
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .metrics import line_cer
+
+LOSS_LOG = "loss_log.jsonl"
+RESULTS = "all_results.json"
+
+
+class LossLog:
+    """`loss_log.jsonl`: one {"step", "loss", "learning_rate", "epoch"} per optimizer step.
+    On resume, rows past the resumed step are dropped so the file never holds a step twice."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / LOSS_LOG
+
+    def start(self, resumed_step: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = read_jsonl(self.path) if self.path.exists() and resumed_step > 0 else []
+        write_jsonl(self.path, [row for row in rows if row["step"] <= resumed_step])
+
+    def append(self, step: int, loss: float, learning_rate: float, epoch: float | None = None) -> None:
+        row = {"step": step, "loss": loss, "learning_rate": learning_rate}
+        if epoch is not None:
+            row["epoch"] = epoch
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def write_jsonl(path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as stream:
+        for row in rows:
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_predictions(output_dir: str, split: str, ids, references, predictions) -> Path:
+    path = Path(output_dir) / f"predictions_{split}.jsonl"
+    write_jsonl(
+        path,
+        (
+            {"id": i, "reference": ref, "prediction": pred, "cer": round(line_cer(ref, pred), 4)}
+            for i, ref, pred in zip(ids, references, predictions)
+        ),
+    )
+    return path
+
+
+def update_results(output_dir: str, results: dict) -> dict:
+    """Merge into all_results.json (a resumed or evaluation-only run keeps earlier keys)."""
+    path = Path(output_dir) / RESULTS
+    merged = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    merged.update(results)
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return merged
+
+
+def write_model_card(output_dir: str, model_args, data_args, results: dict) -> None:
+    """README.md with the results, in the Hub's model-index format (cer / wer on the test
+    split, else validation)."""
+    split = "test" if "test_cer" in results else "eval"
+    eval_results = [
+        EvalResult(
+            task_type="image-to-text",
+            dataset_type=data_args.dataset_name,
+            dataset_name=data_args.dataset_name,
+            dataset_split=getattr(data_args, f"{'test' if split == 'test' else 'validation'}_split"),
+            metric_type=metric,
+            metric_name=metric.upper(),
+            metric_value=round(results[f"{split}_{metric}"], 4),
+        )
+        for metric in ("cer", "wer")
+        if f"{split}_{metric}" in results
+    ]
+    data = ModelCardData(
+        base_model=model_args.model_name_or_path,
+        datasets=[data_args.dataset_name],
+        tags=["trocr", "ocr", "handwriting"],
+        model_name=Path(output_dir).name,
+        eval_results=eval_results or None,
+        pipeline_tag="image-to-text",
+    )
+    rows = "\n".join(f"| {key} | {value:.4g} |" for key, value in sorted(results.items()) if isinstance(value, float))
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {Path(output_dir).name}
+
+TrOCR fine-tuned from `{model_args.model_name_or_path}` on `{data_args.dataset_name}`.
+CER and WER are corpus-level percentages, case-sensitive, on raw reference strings,
+decoded with beam search (see `generation_config.json`).
+
+| metric | value |
+|---|---|
+{rows}
+
+## Use
+
+```python
+from PIL import Image
+from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+
+processor = TrOCRProcessor.from_pretrained("{Path(output_dir).name}")
+model = VisionEncoderDecoderModel.from_pretrained("{Path(output_dir).name}")
+ids = model.generate(processor(images=Image.open("line.png").convert("RGB"), return_tensors="pt").pixel_values)
+print(processor.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0])
+```
+"""
+    ModelCard(content).save(Path(output_dir) / "README.md")
