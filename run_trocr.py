@@ -9,21 +9,17 @@ The recipe JSON gives the defaults, flags override them; `--help` lists every ar
 
 import logging
 import os
-import sys
 
-import datasets
-import transformers
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.data import OcrCollator, line_ids, load_splits, longest_label, tokenize_splits, with_image_transforms
 from trocr_recipe.metrics import GeneratedTextMetrics
-from trocr_recipe.modeling import configure_generation, load_model_and_processor
 from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_predictions
+from trocr_recipe.pipeline import prepare_run, setup_logging
 from trocr_recipe.trainer import OcrTrainer, load_checkpoint_weights
 
-logger = logging.getLogger("run_trocr")
+logger = logging.getLogger("trocr_recipe")
 
 
 class LossLogCallback(TrainerCallback):
@@ -39,20 +35,6 @@ class LossLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             self.log.append(state.global_step, logs["loss"], logs.get("learning_rate"), logs.get("epoch"))
-
-
-def setup_logging(training_args) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    level = training_args.get_process_log_level()
-    # The run's own progress and results are shown on the main process whatever the
-    # libraries' verbosity.
-    logger.setLevel(logging.INFO if training_args.should_log else level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
 
 
 def find_checkpoint(training_args) -> str | None:
@@ -86,47 +68,34 @@ def main(argv=None):
         logger.info("Resuming from %s", checkpoint)
     set_seed(training_args.seed)
 
-    # 3. Model and processor, special tokens set on config and generation_config.
-    model, processor = load_model_and_processor(model_args)
-    tokenizer = processor.tokenizer
+    # 3. Model, processor and data: special tokens on config and generation_config, labels
+    #    tokenized once (text + </s>), images transformed on the fly, generation sized to the data.
+    run = prepare_run(model_args, data_args, training_args)
+    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
 
-    # 4. Data: labels tokenized once (text + </s>), images transformed on the fly.
-    with training_args.main_process_first(desc="dataset loading and label tokenization"):
-        splits = load_splits(data_args, model_args.cache_dir)
-        truncated = tokenize_splits(splits, tokenizer, data_args)
-    for role, count in truncated.items():
-        if count:
-            logger.warning("%d %s labels longer than max_target_length=%d were truncated",
-                           count, role, data_args.max_target_length)
-    configure_generation(model, training_args, longest_label(splits))
-    logger.info("Generation: %s", model.generation_config.to_diff_dict())
-    references = {role: list(split[data_args.text_column]) for role, split in splits.items()}
-    ids = {role: line_ids(split, data_args.id_column) for role, split in splits.items()}
-    inputs = with_image_transforms(splits, data_args, processor.image_processor)
-
-    # 5. Trainer: generate-based CER on validation, the best checkpoint kept by it.
-    metrics = GeneratedTextMetrics(tokenizer, references["validation"])
+    # Trainer: generate-based CER on validation, the best checkpoint kept by it.
+    metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])
     trainer = OcrTrainer(
         model=model,
         args=training_args,
         train_dataset=inputs["train"] if training_args.do_train else None,
         eval_dataset=inputs["validation"],
         processing_class=processor,
-        data_collator=OcrCollator.from_image_processor(processor.image_processor),
+        data_collator=run.collator,
         compute_metrics=metrics,
         callbacks=[LossLogCallback(training_args.output_dir)],
     )
     if data_args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
-    results = {f"{role}_truncated_labels": count for role, count in truncated.items()}
+    results = {f"{role}_truncated_labels": count for role, count in run.truncated.items()}
 
-    # 6. Baseline: the starting model on validation, before any update.
+    # 4. Baseline: the starting model on validation, before any update.
     if training_args.do_eval:
         baseline, _ = evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")
         results.update(baseline)
         logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])
 
-    # 7. Train; never keep a model worse than the starting one.
+    # 5. Train; never keep a model worse than the starting one.
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         results.update(train_result.metrics)
@@ -145,7 +114,7 @@ def main(argv=None):
         trainer.save_model()
         trainer.save_state()
 
-    # 8. Final scores: validation and test, generate-based, with predictions files.
+    # 6. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
         if not enabled:
             continue
@@ -154,8 +123,10 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             write_predictions(training_args.output_dir, role, ids[role], references[role], predictions)
         logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
+        for reference, prediction in list(zip(references[role], predictions))[:5]:
+            logger.info("  reference:  %s\n  prediction: %s", reference, prediction)
 
-    # 9. Results, model card, processor and generation config beside the model; the Hub.
+    # 7. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():
         results = update_results(training_args.output_dir, results)
         write_model_card(training_args.output_dir, model_args, data_args, results)

@@ -102,3 +102,25 @@ def test_accelerate_launch(tiny_args, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
     assert {"baseline_cer", "eval_cer", "test_cer"} <= set(results)
+
+
+def test_loss_is_a_token_mean_over_the_whole_accumulated_step(tiny_args, tiny_model, tmp_path):
+    """Two micro-batches of 2 accumulated = one batch of 4: the same logged loss per step
+    (not the sum of two means, as the stock trainer gives this model)."""
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    model.config.decoder.dropout = 0.0  # the same forward whatever the batch split
+    no_dropout = tmp_path / "no_dropout"
+    model.save_pretrained(no_dropout)
+    TrOCRProcessor.from_pretrained(tiny_model).save_pretrained(no_dropout)
+    losses = {}
+    for batch, accumulation in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch}x{accumulation}"
+        run_trocr.main(tiny_args + [
+            "--model_name_or_path", str(no_dropout), "--output_dir", str(out), "--max_steps", "3",
+            "--learning_rate", "0", "--no_augment", "--do_eval", "false", "--do_predict", "false",
+            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+        ])
+        losses[batch] = [row["loss"] for row in read_jsonl(out / "loss_log.jsonl")]
+    assert len(losses[4]) == 3
+    assert losses[2] == pytest.approx(losses[4], rel=1e-5)

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 
@@ -46,3 +48,13 @@ def configure_generation(model, training_args, longest_label: int) -> None:
     config.length_penalty = 1.0
     config.no_repeat_ngram_size = 0
     config.early_stopping = config.num_beams > 1
+
+
+def token_loss(logits, labels, num_items_in_batch=None):
+    """Cross-entropy summed over the label tokens and divided by the number of label tokens
+    in the whole optimizer step (all accumulated micro-batches, all processes), as the
+    reference trainer normalized it; a plain token mean when that count is not given."""
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())

@@ -1,9 +1,11 @@
-"""Seq2SeqTrainer with checkpoint loading that survives transformers 5's weight renaming."""
+"""The Seq2SeqTrainer of the reference recipe, repaired for VisionEncoderDecoderModel."""
 
 import os
 
 from transformers import Seq2SeqTrainer
 from transformers.utils import SAFE_WEIGHTS_NAME
+
+from .modeling import token_loss
 
 
 def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
@@ -18,8 +20,29 @@ def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) ->
 
 
 class OcrTrainer(Seq2SeqTrainer):
-    """Resume and best-model loading through `from_pretrained` for plain (non-DeepSpeed,
-    non-FSDP) models; the trainer's own paths are kept for sharded engines."""
+    """Seq2SeqTrainer with two repairs for VisionEncoderDecoderModel in transformers 5.
+
+    The loss: the model's forward takes **kwargs, so the trainer assumes it normalizes
+    by `num_items_in_batch` and neither divides by the accumulation steps nor undoes the
+    multi-process scaling, while the model returns a plain per-batch mean: gradients come
+    out accumulation-steps x processes too large. Here the loss is summed over tokens and
+    divided by the step's token count, the normalization the trainer expects.
+
+    Checkpoints: resume and best-model loading go through `from_pretrained` for plain
+    (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss below normalizes by num_items_in_batch: the trainer must count them.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)  # labels in: the model shifts them into decoder inputs itself
+        loss = token_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens; DDP averages gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def _plain_checkpoint(self, checkpoint: str) -> bool:
         return (
