@@ -110,7 +110,8 @@ def read_step_values(path: Path, key: str, max_steps: int | None) -> tuple[dict[
     for n, row in read_rows(path):
         step, value = row.get("step"), row.get(key)
         if not isinstance(step, int) or isinstance(step, bool) or not _is_number(value):
-            raise BadInput(f'{path}, line {n}: needs an integer "step" and a number "{key}", got {json.dumps(row)[:120]}')
+            got = json.dumps(row)[:120]
+            raise BadInput(f'{path}, line {n}: needs an integer "step" and a number "{key}", got {got}')
         if step in lines:
             raise BadInput(f"{path}, line {n}: step {step} already logged on line {lines[step]}")
         lines[step] = n
@@ -132,7 +133,9 @@ def latest_trainer_state(folder: Path) -> Path | None:
     """The run's trainer_state.json, or the latest checkpoint's when training stopped early."""
     if (folder / TRAINER_STATE).is_file():
         return folder / TRAINER_STATE
-    checkpoints = [p for p in folder.glob(f"checkpoint-*/{TRAINER_STATE}") if re.fullmatch(r"checkpoint-\d+", p.parent.name)]
+    checkpoints = [
+        p for p in folder.glob(f"checkpoint-*/{TRAINER_STATE}") if re.fullmatch(r"checkpoint-\d+", p.parent.name)
+    ]
     return max(checkpoints, key=lambda p: int(p.parent.name.split("-")[1]), default=None)
 
 
@@ -149,7 +152,8 @@ def read_eval_curve(folder: Path, max_steps: int | None) -> tuple[dict[int, floa
         for entry in history
         if isinstance(entry, dict) and _is_number(entry.get("eval_cer")) and isinstance(entry.get("step"), int)
     }
-    return {step: cer for step, cer in curve.items() if max_steps is None or step <= max_steps}, str(state.relative_to(folder))
+    curve = {step: cer for step, cer in curve.items() if max_steps is None or step <= max_steps}
+    return curve, str(state.relative_to(folder))
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -182,11 +186,13 @@ def load_run(path: str, label: str, max_steps: int | None) -> Run:
     else:
         raise BadInput(f"{path}: no such file or folder")
     losses, rates = read_loss_log(loss_log, max_steps)
-    eval_cer, eval_source = read_eval_curve(folder, max_steps) if folder else ({}, None)
-    results = read_json(folder / RESULTS) if folder and (folder / RESULTS).is_file() else {}
+    if folder is None:
+        return Run(label, run_name(path), path, losses, rates, {}, None, {}, {})
+    eval_cer, eval_source = read_eval_curve(folder, max_steps)
+    results = read_json(folder / RESULTS) if (folder / RESULTS).is_file() else {}
     predictions = {
         p.stem.removeprefix("predictions_"): read_predictions(p) for p in sorted(folder.glob("predictions_*.jsonl"))
-    } if folder else {}
+    }
     return Run(label, run_name(path), path, losses, rates, eval_cer, eval_source, results, predictions)
 
 
@@ -234,9 +240,9 @@ def compare_losses(a: Run, b: Run, rtol: float) -> list[str]:
     line("steps compared", f"{len(common)}" + (f" ({step_ranges(common)})" if common else ""))
     for run, other in ((a, b), (b, a)):
         only = set(run.losses) - set(other.losses)
-        line(f"only in {run.label}", f"{len(only)} steps: {step_ranges(only)}" if only else "none")
+        line(f"only in {run.label}", f"{len(only)} step(s): {step_ranges(only)}" if only else "none")
         if only:
-            failures.append(f"{len(only)} steps logged by {run.label} only")
+            failures.append(f"{len(only)} step(s) logged by {run.label} only")
     if not common:
         return failures + ["no step in common"]
 
@@ -268,9 +274,12 @@ def compare_losses(a: Run, b: Run, rtol: float) -> list[str]:
 def compare_eval_curves(a: Run, b: Run, atol: float) -> list[str]:
     heading(f"Validation CER during training (absolute tolerance {atol:g})")
     for run in (a, b):
-        source = f"{len(run.eval_cer)} evaluations ({run.eval_source})" if run.eval_cer else None
-        no_curve = f"none: no {EVAL_LOG} or {TRAINER_STATE} with eval_cer, no CER curve"
-        line(run.label, source or (no_curve if run.eval_source is None else f"none in {run.eval_source}"))
+        if run.eval_cer:
+            line(run.label, f"{len(run.eval_cer)} evaluation(s) ({run.eval_source})")
+        elif run.path.is_file():
+            line(run.label, "no CER curve: a loss log alone was given")
+        else:
+            line(run.label, f"no CER curve: no eval_cer in {run.eval_source or f'{EVAL_LOG} or {TRAINER_STATE}'}")
     common = sorted(set(a.eval_cer) & set(b.eval_cer))
     if not common:
         if a.eval_cer and b.eval_cer:
@@ -279,9 +288,13 @@ def compare_eval_curves(a: Run, b: Run, atol: float) -> list[str]:
     diffs = {step: abs(a.eval_cer[step] - b.eval_cer[step]) for step in common}
     largest = max(common, key=diffs.get)
     line("common steps", f"{len(common)} ({step_ranges(common)})")
-    line("largest difference", f"{diffs[largest]:.4g} at step {largest}: A {a.eval_cer[largest]:.4f}  B {b.eval_cer[largest]:.4f}")
+    values = f"A {a.eval_cer[largest]:.4f}  B {b.eval_cer[largest]:.4f}"
+    line("largest difference", f"{diffs[largest]:.4g} at step {largest}: {values}")
     parting = next((step for step in common if diffs[step] > atol), None)
-    return [] if parting is None else [f"the validation CER differs from step {parting}"]
+    if parting is None:
+        return []
+    line("first differs at step", f"{parting}: A {a.eval_cer[parting]:.4f}  B {b.eval_cer[parting]:.4f}")
+    return [f"the validation CER differs from step {parting}"]
 
 
 def result_order(key: str) -> tuple:
@@ -296,7 +309,8 @@ def compare_results(a: Run, b: Run, atol: float, counted: bool) -> list[str]:
         key=result_order,
     )
     if not keys:
-        line("", f"no CER or WER to compare (no {RESULTS} in " + ("either run)" if not (a.results or b.results) else "one run)"))
+        where = "one run" if a.results or b.results else "either run"
+        line("", f"no CER or WER to compare (no {RESULTS} in {where})")
         return []
     print(f"  {'metric':<22}{'A':>12}{'B':>12}{'B - A':>12}")
     failures = []
@@ -332,7 +346,8 @@ def compare_predictions(a: Run, b: Run, top_lines: int) -> None:
         differ = [i for i in common if rows_a[i]["prediction"] != rows_b[i]["prediction"]]
         # Largest per-line CER difference first; ids break ties so the report is stable.
         differ.sort(key=lambda i: (-abs(rows_b[i]["cer"] - rows_a[i]["cer"]), i))
-        line("predicted differently", f"{len(differ)} lines" + (f"; the top {min(top_lines, len(differ))} by CER difference:" if differ else ""))
+        top = f"; the top {min(top_lines, len(differ))} by CER difference:" if differ else ""
+        line("lines that differ", f"{len(differ)} lines{top}")
         for i in differ[:top_lines]:
             ra, rb = rows_a[i], rows_b[i]
             print(f"    {i}  CER A {ra['cer']:.2f}  B {rb['cer']:.2f}  (B - A {rb['cer'] - ra['cer']:+.2f})")
@@ -368,13 +383,15 @@ def plot(a: Run, b: Run, rtol: float, path: Path) -> Path:
     gap_ax.axhline(rtol, color="red", ls=":", label=f"--loss_rtol {rtol:g}")
     # Linear below the tolerance (zeros included), logarithmic above it.
     gap_ax.set_yscale("symlog", linthresh=rtol if rtol > 0 else 1e-12)
+    gap_ax.set_ylim(bottom=0)
     gap_ax.set(ylabel="relative loss gap |A-B|/max")
     gap_ax.legend()
 
     if has_cer:
         for run in (a, b):
             steps = sorted(run.eval_cer)
-            cer_ax[0].plot(steps, [run.eval_cer[s] for s in steps], marker="o", label=f"{run.label}: {run.name}", **styles[run.label])
+            cers = [run.eval_cer[s] for s in steps]
+            cer_ax[0].plot(steps, cers, marker="o", label=f"{run.label}: {run.name}", **styles[run.label])
         cer_ax[0].set(ylabel="validation CER (%)")
         cer_ax[0].legend()
     fig.axes[-1].set_xlabel("optimizer step")
@@ -388,21 +405,21 @@ def plot(a: Run, b: Run, rtol: float, path: Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_a", help="the reference run: its output folder, or its loss_log.jsonl")
     parser.add_argument("run_b", help="the run to check: its output folder, or its loss_log.jsonl")
     parser.add_argument(
         "--loss_rtol", type=float, default=1e-5,
-        help="largest relative gap |a-b|/max(|a|,|b|) allowed between the two losses (and learning rates) at a step",
+        help="largest relative gap |a-b|/max(|a|,|b|) allowed between the two losses (and learning rates) "
+        "at a step (default %(default)g)",
     )
     parser.add_argument(
         "--cer_atol", type=float, default=1e-6,
-        help="largest difference allowed between two CERs or WERs, in percentage points",
+        help="largest difference allowed between two CERs or WERs, in percentage points (default %(default)g)",
     )
-    parser.add_argument("--top_lines", type=int, default=10, help="differently predicted lines listed per split")
+    parser.add_argument(
+        "--top_lines", type=int, default=10, help="differently predicted lines listed per split (default %(default)s)"
+    )
     parser.add_argument(
         "--max_steps", type=int, default=None,
         help="compare only steps <= N (loss and validation CER); final CER / WER are then shown but not judged",

@@ -7,6 +7,7 @@ processor, loadable by VisionEncoderDecoderModel / TrOCRProcessor.from_pretraine
 """
 
 import argparse
+import math
 
 import torch
 from datasets import load_from_disk
@@ -77,7 +78,22 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     torch.manual_seed(args.seed)
-    return VisionEncoderDecoderModel(config=config)
+    model = VisionEncoderDecoderModel(config=config)
+    # Patches start out knowing where they are (left to right), as sinusoids: from random
+    # position embeddings a small model takes thousands of steps to learn where to look.
+    positions = model.encoder.embeddings.position_embeddings
+    with torch.no_grad():
+        positions[0] = sinusoids(positions.shape[1], positions.shape[2])
+    return model
+
+
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table
 
 
 def main(argv=None):

@@ -44,6 +44,10 @@ class OcrTrainer(Seq2SeqTrainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def create_model_card(self, *args, **kwargs):
+        """The run writes its own card, with the results in the Hub's model-index form,
+        before pushing; the trainer's generic card would replace it."""
+
     def _plain_checkpoint(self, checkpoint: str) -> bool:
         return (
             not self.is_deepspeed_enabled
