@@ -14,6 +14,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from trocr_recipe.args import parse_recipe
+from trocr_recipe.checks import format_findings, preflight, preflight_forward
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_predictions
 from trocr_recipe.pipeline import prepare_run, setup_logging
@@ -73,6 +74,14 @@ def main(argv=None):
     run = prepare_run(model_args, data_args, training_args)
     model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
 
+    # 4. Preflight: the known pitfalls, checked before any compute is spent on them.
+    findings = preflight(run, model_args, data_args, training_args, strict=data_args.preflight_strict)
+    if data_args.preflight_only:
+        loss = preflight_forward(model, run.collator, inputs["train"], training_args.per_device_train_batch_size)
+        print(format_findings(findings, data_args.preflight_strict))
+        print(f"One training batch forward: loss {loss:.4f}")
+        return {"preflight_findings": [str(finding) for finding in findings], "preflight_loss": loss}
+
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
     metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])
     trainer = OcrTrainer(
@@ -89,13 +98,13 @@ def main(argv=None):
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
     results = {f"{role}_truncated_labels": count for role, count in run.truncated.items()}
 
-    # 4. Baseline: the starting model on validation, before any update.
+    # 5. Baseline: the starting model on validation, before any update.
     if training_args.do_eval:
         baseline, _ = evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")
         results.update(baseline)
         logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])
 
-    # 5. Train; never keep a model worse than the starting one.
+    # 6. Train; never keep a model worse than the starting one.
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         results.update(train_result.metrics)
@@ -114,7 +123,7 @@ def main(argv=None):
         trainer.save_model()
         trainer.save_state()
 
-    # 6. Final scores: validation and test, generate-based, with predictions files.
+    # 7. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
         if not enabled:
             continue
@@ -126,7 +135,7 @@ def main(argv=None):
         for reference, prediction in list(zip(references[role], predictions))[:5]:
             logger.info("  reference:  %s\n  prediction: %s", reference, prediction)
 
-    # 7. Results, model card, processor and generation config beside the model; the Hub.
+    # 8. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():
         results = update_results(training_args.output_dir, results)
         write_model_card(training_args.output_dir, model_args, data_args, results)

@@ -124,3 +124,22 @@ def test_loss_is_a_token_mean_over_the_whole_accumulated_step(tiny_args, tiny_mo
         losses[batch] = [row["loss"] for row in read_jsonl(out / "loss_log.jsonl")]
     assert len(losses[4]) == 3
     assert losses[2] == pytest.approx(losses[4], rel=1e-5)
+
+
+def test_preflight_only_reports_and_stops_before_training(tiny_args, tmp_path, capsys):
+    results = run_trocr.main(tiny_args + ["--preflight_only"])
+    printed = capsys.readouterr().out
+    assert "Preflight checks: every check passed." in printed
+    assert results["preflight_findings"] == [] and results["preflight_loss"] > 0
+    assert not (tmp_path / "run" / "all_results.json").exists()
+
+
+def test_preflight_stops_a_run_with_a_planted_pitfall(tiny_args, tiny_model, tmp_path):
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    model.generation_config.max_length = 5  # pitfall 4: lines cut by generation
+    short = tmp_path / "short"
+    model.save_pretrained(short)
+    TrOCRProcessor.from_pretrained(tiny_model).save_pretrained(short)
+    with pytest.raises(SystemExit, match="generation_max_length"):
+        run_trocr.main(tiny_args + ["--model_name_or_path", str(short), "--generation_max_length", "5"])
+    assert not (tmp_path / "run" / "all_results.json").exists()

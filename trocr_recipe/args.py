@@ -60,6 +60,13 @@ class DataTrainingArguments:
     augment: bool = field(
         default=True, metadata={"help": "The paper's seven-way augmentation on the training split."}
     )
+    preflight_only: bool = field(
+        default=False,
+        metadata={"help": "Run the preflight checks and one forward pass, print the report, and stop."},
+    )
+    preflight_strict: bool = field(
+        default=False, metadata={"help": "Preflight warnings stop the run too, as errors do."}
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": "Stop when validation CER has not improved for this many evaluations (paper: 20 epochs)."},

@@ -459,6 +459,8 @@ def run_checks(
 
 
 def format_findings(findings: list[Finding], strict: bool = False) -> str:
+    if not findings:
+        return "Preflight checks: every check passed."
     lines = [f"Preflight checks found {len(findings)} problem(s) that would spoil the run (see FACTS.md):"]
     lines += [f"- {finding}" for finding in findings]
     if strict and any(finding.level == "warning" for finding in findings):

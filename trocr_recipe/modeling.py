@@ -3,7 +3,7 @@
 import math
 
 import torch
-
+from PIL import Image
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 
@@ -15,6 +15,9 @@ def load_model_and_processor(model_args):
     )
     model = VisionEncoderDecoderModel.from_pretrained(model_args.model_name_or_path, **source)
     set_special_tokens(model, processor.tokenizer)
+    # The paper resizes bicubic, and so does the data path; the released checkpoints'
+    # processor configs say bilinear. The saved processor must say what training did.
+    processor.image_processor.resample = Image.BICUBIC
     return model, processor
 
 
