@@ -143,3 +143,13 @@ def test_preflight_stops_a_run_with_a_planted_pitfall(tiny_args, tiny_model, tmp
     with pytest.raises(SystemExit, match="generation_max_length"):
         run_trocr.main(tiny_args + ["--model_name_or_path", str(short), "--generation_max_length", "5"])
     assert not (tmp_path / "run" / "all_results.json").exists()
+
+
+def test_wrong_column_stops_before_the_model_is_loaded(tiny_args, monkeypatch):
+    import trocr_recipe.pipeline
+
+    monkeypatch.setattr(trocr_recipe.pipeline, "load_model", lambda *a: pytest.fail("model loaded before the data check"))
+    with pytest.raises(SystemExit, match=r"no column 'transcription'; its columns: image, text, id"):
+        run_trocr.main(tiny_args + ["--text_column", "transcription"])
+    with pytest.raises(SystemExit, match=r"no split 'dev' \(for validation\); it has: train, validation, test"):
+        run_trocr.main(tiny_args + ["--validation_split", "dev"])

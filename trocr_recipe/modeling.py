@@ -7,18 +7,25 @@ from PIL import Image
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 
-def load_model_and_processor(model_args):
-    """From a Hub id or a local folder; the processor comes with the checkpoint by default."""
-    source = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+def _source(model_args) -> dict:
+    return dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+
+
+def load_processor(model_args) -> TrOCRProcessor:
+    """From a Hub id or a local folder; the checkpoint's own processor by default."""
     processor = TrOCRProcessor.from_pretrained(
-        model_args.processor_name_or_path or model_args.model_name_or_path, **source
+        model_args.processor_name_or_path or model_args.model_name_or_path, **_source(model_args)
     )
-    model = VisionEncoderDecoderModel.from_pretrained(model_args.model_name_or_path, **source)
-    set_special_tokens(model, processor.tokenizer)
     # The paper resizes bicubic, and so does the data path; the released checkpoints'
     # processor configs say bilinear. The saved processor must say what training did.
     processor.image_processor.resample = Image.BICUBIC
-    return model, processor
+    return processor
+
+
+def load_model(model_args, tokenizer) -> VisionEncoderDecoderModel:
+    model = VisionEncoderDecoderModel.from_pretrained(model_args.model_name_or_path, **_source(model_args))
+    set_special_tokens(model, tokenizer)
+    return model
 
 
 def set_special_tokens(model, tokenizer) -> None:

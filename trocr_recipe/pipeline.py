@@ -11,7 +11,7 @@ import transformers
 from datasets import DatasetDict
 
 from .data import OcrCollator, line_ids, load_splits, longest_label, tokenize_splits, with_image_transforms
-from .modeling import configure_generation, load_model_and_processor
+from .modeling import configure_generation, load_model, load_processor
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -42,7 +42,8 @@ def setup_logging(training_args) -> None:
 
 
 def prepare_run(model_args, data_args, training_args) -> RunInputs:
-    model, processor = load_model_and_processor(model_args)
+    # Data before the model: a wrong column or split name stops the run in seconds.
+    processor = load_processor(model_args)
     with training_args.main_process_first(desc="dataset loading and label tokenization"):
         splits = load_splits(data_args, model_args.cache_dir)
         truncated = tokenize_splits(splits, processor.tokenizer, data_args)
@@ -51,6 +52,7 @@ def prepare_run(model_args, data_args, training_args) -> RunInputs:
             logger.warning(
                 "%d %s labels longer than max_target_length=%d were truncated", count, role, data_args.max_target_length
             )
+    model = load_model(model_args, processor.tokenizer)
     configure_generation(model, training_args, longest_label(splits))
     logger.info("Generation: %s", model.generation_config.to_diff_dict())
     return RunInputs(
