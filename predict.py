@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Transcribe handwritten line images with a trained TrOCR model.
+
+    python predict.py runs/demo line.png more_lines/                  # path<TAB>text on stdout
+    python predict.py runs/demo scans/ --output preds.jsonl           # {"path", "prediction"} per line
+    python predict.py runs/demo --dataset data/iam-aachen --split test --output test.jsonl   # {"id", "prediction"}
+
+MODEL is a run's output folder, one of its checkpoints or a Hub id. Folders are searched
+recursively for png, jpg, jpeg, tif, tiff, bmp, gif and webp files, in sorted order.
+Images go through the evaluation path of the recipe (RGB, bicubic resize to the
+processor's size, the processor's normalization), then batched beam search with the
+beams and maximum length of the model's generation_config unless --num_beams or
+--max_length say otherwise. Unreadable files are named on stderr with the reason and
+skipped; their count is printed at the end (and written to `<output>.skipped.json` with
+--output). Exit code 0, or 1 when no image could be read.
+"""
+
+import argparse
+import io
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from datasets import Image as ImageFeature
+from datasets import load_dataset, load_from_disk
+from PIL import Image
+from tqdm import tqdm
+
+from trocr_recipe.args import ModelArguments
+from trocr_recipe.augment import resize_to_tensor, to_rgb
+from trocr_recipe.data import OcrCollator, image_size, line_ids
+from trocr_recipe.metrics import decode
+from trocr_recipe.modeling import load_model, load_processor
+from trocr_recipe.outputs import write_jsonl
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+# What PIL raises on a file it cannot decode: not an image, truncated, corrupt chunks.
+UNREADABLE = (OSError, SyntaxError, ValueError)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="trained model: a run's output folder, a checkpoint folder or a Hub id")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders (searched recursively)")
+    parser.add_argument("--dataset", help="transcribe a dataset split instead: a save_to_disk folder or anything "
+                        "datasets.load_dataset reads (Hub name, parquet folder, imagefolder)")
+    parser.add_argument("--split", default="test", help="split of --dataset to transcribe (default: test)")
+    parser.add_argument("--image_column", default="image", help="column of --dataset holding the images")
+    parser.add_argument("--id_column", default="id", help="column of --dataset naming each line; row index if absent")
+    parser.add_argument("--output", help="write JSONL here ({'path' or 'id', 'prediction'} per image) instead of "
+                        "path<TAB>text on stdout; skipped files go to <output>.skipped.json")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per generate call (default: 16)")
+    parser.add_argument("--num_beams", type=int, help="beam width; default: the model's generation_config")
+    parser.add_argument(
+        "--max_length", type=int, help="longest output in tokens; default: the model's generation_config"
+    )
+    args = parser.parse_args(argv)
+    if bool(args.inputs) == bool(args.dataset):
+        parser.error("give either image files / folders or --dataset")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    return args
+
+
+def image_files(inputs: list[str]) -> list[str]:
+    """Files as given; folders expanded to their images, sorted. A missing path is kept so
+    that it is reported as unreadable like any other bad input."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(str(p) for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            files.append(str(item))
+    return files
+
+
+def dataset_images(path: str, split: str, image_column: str, id_column: str) -> tuple[list[str], Iterable]:
+    """Line ids and the undecoded images of one split, so that a corrupt image is skipped
+    like a bad file instead of failing the whole read."""
+    raw = load_from_disk(path) if os.path.isfile(os.path.join(path, "dataset_dict.json")) else load_dataset(path)
+    if split not in raw:
+        raise SystemExit(f"{path}: no split '{split}'; it has: {', '.join(raw)}")
+    lines = raw[split]
+    if image_column not in lines.column_names:
+        columns = ", ".join(lines.column_names)
+        raise SystemExit(f"{path}: split '{split}' has no column '{image_column}'; its columns: {columns}")
+    lines = lines.cast_column(image_column, ImageFeature(decode=False))
+    sources = (io.BytesIO(cell["bytes"]) if cell["bytes"] else cell["path"] for cell in lines[image_column])
+    return line_ids(lines, id_column), sources
+
+
+def load_pixels(source, size: tuple[int, int]) -> torch.Tensor:
+    """The evaluation transform of the recipe: any mode to RGB, bicubic resize, uint8."""
+    with Image.open(source) as image:
+        return resize_to_tensor(to_rgb(image), size)
+
+
+def read_images(names: list[str], sources: Iterable, size, progress: tqdm, skipped: list):
+    """(name, pixels) per readable image; unreadable ones are named on stderr with the
+    reason, counted on the progress bar and appended to `skipped` as (name, reason)."""
+    for name, source in zip(names, sources):
+        try:
+            yield name, load_pixels(source, size)
+        except UNREADABLE as error:
+            reason = f"{type(error).__name__}: {error}"
+            skipped.append((name, reason))
+            progress.write(f"skipped {name}: {reason}", file=sys.stderr)
+            progress.update()
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def transcribe(model, processor, images: Iterable[tuple[str, torch.Tensor]], batch_size: int, **generate_kwargs):
+    """(name, text) per image: normalized by the recipe's collator, batched generate, decoded
+    without the tokenizer's clean-up (as the run scored its predictions)."""
+    collator = OcrCollator.from_image_processor(processor.image_processor)
+    for batch in batched(images, batch_size):
+        names = [name for name, _ in batch]
+        # The collator pads labels too; there are none to pad here.
+        pixel_values = collator([{"pixel_values": pixels, "labels": []} for _, pixels in batch])["pixel_values"]
+        with torch.inference_mode():
+            generated = model.generate(pixel_values=pixel_values.to(model.device), **generate_kwargs)
+        yield from zip(names, decode(processor.tokenizer, generated.cpu()))
+
+
+def load_for_inference(name: str):
+    """Model and processor as the recipe loads them (special tokens set on both configs)."""
+    model_args = ModelArguments(model_name_or_path=name)
+    processor = load_processor(model_args)
+    model = load_model(model_args, processor.tokenizer)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
+
+
+def write_outputs(rows: list[dict], skipped: list[tuple[str, str]], key: str, output: str | None) -> None:
+    """JSONL plus `<output>.skipped.json`, or path<TAB>text lines on stdout; then the counts."""
+    if output:
+        write_jsonl(output, rows)
+        listed = [{key: name, "reason": reason} for name, reason in skipped]
+        report = json.dumps({"count": len(skipped), "skipped": listed}, indent=2, ensure_ascii=False)
+        Path(f"{output}.skipped.json").write_text(report + "\n", encoding="utf-8")
+    else:
+        for row in rows:
+            print(f"{row[key]}\t{row['prediction']}")
+    where = f" (listed in {output}.skipped.json)" if output and skipped else ""
+    print(f"transcribed {len(rows)} image(s), skipped {len(skipped)} unreadable{where}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    key = "id" if args.dataset else "path"
+    if args.dataset:
+        names, sources = dataset_images(args.dataset, args.split, args.image_column, args.id_column)
+    else:
+        names = sources = image_files(args.inputs)
+    model, processor = load_for_inference(args.model)
+    overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_length", args.max_length)) if v is not None}
+
+    rows, skipped = [], []
+    # Outputs are written at the end so that stdout lines never cut through the bar.
+    with tqdm(total=len(names), unit="image", file=sys.stderr) as progress:
+        images = read_images(names, sources, image_size(processor.image_processor), progress, skipped)
+        for name, text in transcribe(model, processor, images, args.batch_size, **overrides):
+            rows.append({key: name, "prediction": text})
+            progress.update()
+    write_outputs(rows, skipped, key, args.output)
+    if not rows:
+        print("no image could be read", file=sys.stderr)
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
