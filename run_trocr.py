@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trocr_recipe.args import parse_recipe
 from trocr_recipe.checks import format_findings, preflight, preflight_forward
 from trocr_recipe.metrics import GeneratedTextMetrics
-from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_predictions
+from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_split_report, write_training_curves
 from trocr_recipe.pipeline import prepare_run, setup_logging
 from trocr_recipe.trainer import OcrTrainer, load_checkpoint_weights
 
@@ -122,6 +122,11 @@ def main(argv=None):
             results["kept_starting_model"] = True
         trainer.save_model()
         trainer.save_state()
+        if trainer.is_world_process_zero():
+            # The baseline is step 0 of the validation-CER curve.
+            eval_rows = [{"step": 0, "eval_cer": results["baseline_cer"]}] if "baseline_cer" in results else []
+            eval_rows += [row for row in trainer.state.log_history if "eval_cer" in row]
+            write_training_curves(training_args.output_dir, eval_rows)
 
     # 7. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
@@ -130,7 +135,8 @@ def main(argv=None):
         scores, predictions = evaluate_split(trainer, metrics, inputs[role], references[role], prefix)
         results.update(scores)
         if trainer.is_world_process_zero():
-            write_predictions(training_args.output_dir, role, ids[role], references[role], predictions)
+            images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
+            write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
         logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
         for reference, prediction in list(zip(references[role], predictions))[:5]:
             logger.info("  reference:  %s\n  prediction: %s", reference, prediction)

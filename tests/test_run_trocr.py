@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from datasets import load_from_disk
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
@@ -60,6 +61,10 @@ def test_tiny_run_writes_every_output(tiny_args, tiny_data, processor, tmp_path)
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert checkpoints and all((c / "processor_config.json").exists() for c in checkpoints)
     assert "test_cer" in (out / "README.md").read_text()
+    # Pictures a person scans: the worst lines of each split, the training curves.
+    for picture in ("worst_validation.png", "worst_test.png", "training_curves.png"):
+        with Image.open(out / picture) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200, picture
 
 
 def test_final_model_is_the_best_checkpoint_or_the_start(tiny_args, tiny_model, tmp_path):

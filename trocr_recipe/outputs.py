@@ -6,6 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .figures import training_curves_figure, worst_lines_figure
 from .metrics import line_cer
 
 LOSS_LOG = "loss_log.jsonl"
@@ -43,16 +44,31 @@ def write_jsonl(path, rows) -> None:
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_predictions(output_dir: str, split: str, ids, references, predictions) -> Path:
-    path = Path(output_dir) / f"predictions_{split}.jsonl"
-    write_jsonl(
-        path,
-        (
-            {"id": i, "reference": ref, "prediction": pred, "cer": round(line_cer(ref, pred), 4)}
-            for i, ref, pred in zip(ids, references, predictions)
-        ),
+def write_predictions(output_dir: str, split: str, ids, references, predictions) -> list[dict]:
+    rows = [
+        {"id": i, "reference": ref, "prediction": pred, "cer": round(line_cer(ref, pred), 4)}
+        for i, ref, pred in zip(ids, references, predictions)
+    ]
+    write_jsonl(Path(output_dir) / f"predictions_{split}.jsonl", rows)
+    return rows
+
+
+def write_split_report(output_dir: str, split: str, ids, references, predictions, images) -> None:
+    """predictions_<split>.jsonl, and worst_<split>.png: the lines with the largest CER,
+    image above reference and prediction, for a person to scan."""
+    rows = write_predictions(output_dir, split, ids, references, predictions)
+    worst_lines_figure(
+        Path(output_dir) / f"worst_{split}.png", images, references, predictions, ids, [row["cer"] for row in rows]
     )
-    return path
+
+
+def write_training_curves(output_dir: str, eval_rows: list[dict]) -> None:
+    """training_curves.png: loss and learning rate per step (from loss_log.jsonl) and the
+    validation CER of each evaluation (`{"step", "eval_cer"}` rows)."""
+    loss_log = Path(output_dir) / LOSS_LOG
+    training_curves_figure(
+        Path(output_dir) / "training_curves.png", read_jsonl(loss_log) if loss_log.exists() else [], eval_rows
+    )
 
 
 def update_results(output_dir: str, results: dict) -> dict:
