@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import time
@@ -37,6 +38,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import align_special_tokens, enable_full_determinism, rotate_checkpoints, seed_worker
 
 from trocr_recipe.args import parse_recipe
+from trocr_recipe.checks import format_findings, preflight, preflight_forward
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
 from trocr_recipe.outputs import LossLog, read_jsonl, update_results, write_jsonl, write_model_card, write_predictions
@@ -228,8 +230,6 @@ def find_checkpoint(training_args) -> str | None:
 def restore_rng(checkpoint: str, process_index: int) -> None:
     """The random states accelerator.save_state wrote (python, numpy, torch, cuda)."""
     states = torch.load(os.path.join(checkpoint, f"random_states_{process_index}.pkl"), weights_only=False)
-    import random
-
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
@@ -243,12 +243,12 @@ def save_checkpoint(accelerator, training_args, processor, state: dict) -> str:
         shutil.rmtree(folder)  # a stale or incomplete one from an earlier run
     accelerator.wait_for_everyone()
     accelerator.save_state(folder)
+    accelerator.wait_for_everyone()
+    best_folder = os.path.join(training_args.output_dir, f"checkpoint-{state['best_step']}")
+    if state["best_step"] is not None and os.path.isdir(best_folder):
+        state["best_checkpoint"] = best_folder  # Trainer: best_model_checkpoint, on every process
     if accelerator.is_main_process:
         processor.save_pretrained(folder)
-        best_step = state.get("best_step")
-        best_folder = os.path.join(training_args.output_dir, f"checkpoint-{best_step}")
-        if best_step is not None and os.path.isdir(best_folder):
-            state["best_checkpoint"] = best_folder  # Trainer: best_model_checkpoint
         Path(folder, LOOP_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -367,7 +367,11 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
                 rng_to_sync = True
             else:
                 restore_rng(checkpoint, accelerator.process_index)
-        loader.set_epoch(epoch)  # the sampler's order depends on seed + epoch
+        # The sampler's order depends on seed + epoch. The prepared loader reaches its sampler
+        # however it is sharded; a skipping loader built from it needs the epoch too.
+        train_loader.set_epoch(epoch)
+        if loader is not train_loader:
+            loader.set_epoch(epoch)
         batches = iter(loader)
         remainder = steps_in_epoch % accumulation or accumulation
 
@@ -389,7 +393,10 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
             num_items = num_items.to(accelerator.device)
             if rng_to_sync:
                 # Trainer: after skipping to the resumed position, the random states are
-                # those of the checkpoint (the skipped batches were drawn from them).
+                # those of the checkpoint (the skipped batches were drawn from them). Dropout
+                # then continues exactly as in a run never stopped; the augmentation does not:
+                # the loader reads one batch ahead, so the checkpoint's `random` state already
+                # includes the augmentation of the first batch after it.
                 restore_rng(checkpoint, accelerator.process_index)
                 rng_to_sync = False
 
@@ -407,12 +414,15 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
                     accelerator.backward(loss)
                 loss = loss.detach()
                 if args.logging_nan_inf_filter and not torch.isfinite(loss):
-                    tr_loss += tr_loss / (1 + state["global_step"] - first_step)  # Trainer's nan/inf filter
+                    # Trainer: a nan/inf loss is logged as the mean of those since the last log,
+                    # tr_loss / (1 + global_step - last_logged_step), which is tr_loss here (a log
+                    # every step). Only the log is filtered: the gradients are what they are.
+                    tr_loss += tr_loss
                 else:
                     tr_loss += loss
 
             grad_norm = None
-            if False:
+            if args.max_grad_norm is not None and args.max_grad_norm > 0:
                 # Unscales fp16 gradients first; only on the step's last micro-batch.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -492,9 +502,17 @@ def main(argv=None):
     seed = enable_full_determinism if training_args.full_determinism else set_seed
     seed(training_args.seed)
 
-    # 3. Model, processor and data, exactly as run_trocr.py prepares them.
+    # 3. Model, processor and data, exactly as run_trocr.py prepares them; the same preflight.
     run = prepare_run(model_args, data_args, training_args)
     model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
+
+    # Preflight: the known pitfalls, checked before any compute is spent on them (as run_trocr.py).
+    findings = preflight(run, model_args, data_args, training_args, strict=data_args.preflight_strict)
+    if data_args.preflight_only:
+        loss = preflight_forward(model, run.collator, inputs["train"], training_args.per_device_train_batch_size)
+        print(format_findings(findings, data_args.preflight_strict))
+        print(f"One training batch forward: loss {loss:.4f}")
+        return {"preflight_findings": [str(finding) for finding in findings], "preflight_loss": loss}
     # Trainer: seeds again in its __init__, after the model is loaded and before anything
     # draws from the random generators, and sets `use_cache` from the arguments.
     seed(training_args.seed)
@@ -533,13 +551,16 @@ def main(argv=None):
     for role in ("validation", "test"):
         loaders[role] = make_dataloader(accelerator, training_args, inputs[role], run.collator, train=False)
 
+    # Prepared for training (DDP) before the baseline: accelerate prepares a model once only,
+    # and one first prepared for evaluation would never be wrapped in DDP (the Trainer's
+    # trap, repaired in trocr_recipe/trainer.py). Generation uses the unwrapped model.
     optimizer = None
     if training_args.do_train:
         optimizer = create_optimizer(model, training_args)  # named parameters of the unwrapped model
         model, optimizer = accelerator.prepare(model, optimizer)
         register_checkpoint_hooks(accelerator, model)
     else:
-        model = accelerator.prepare(model)
+        model = accelerator.prepare_model(model, evaluation_mode=True)
     results = {f"{role}_truncated_labels": count for role, count in run.truncated.items()}
     tokenizer = processor.tokenizer
 

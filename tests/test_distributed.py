@@ -34,12 +34,7 @@ def no_dropout_model(tiny_model, tmp_path):
 
 
 def test_two_processes_match_one(tiny_args, tiny_data, no_dropout_model, tmp_path):
-    # Plain SGD: the gradients of a half batch on each rank, averaged, equal the full batch's
-    # to float rounding, and SGD passes that on linearly. AdamW's first updates divide each
-    # coordinate by its own magnitude, which turns those rounding differences into loss gaps
-    # up to 3e-4 by step 6 here.
     common = tiny_args + ["--model_name_or_path", str(no_dropout_model), "--no_augment", "--max_steps", "6",
-                          "--optim", "sgd",
                           "--eval_steps", "3", "--save_steps", "3"]
     launch("single_gpu.yaml", common + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4",
                                         "--use_cpu"])

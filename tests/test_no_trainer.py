@@ -4,7 +4,10 @@ that departs from the reference is caught at step 1; resume from the last comple
 checkpoint."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -19,18 +22,20 @@ from conftest import ROOT
 from trocr_recipe.outputs import read_jsonl
 
 STEPS = 20
-# Warmup, weight decay (recipe), clipping that bites (the tiny model's gradient norms are
-# above 1), dropout (0.1 in the tiny decoder) and the augmentation on: everything that
-# draws random numbers or shapes an update.
+# Warmup, weight decay large enough that decaying the LayerNorm weights and biases too shows
+# in the losses, clipping that bites (the tiny model's gradient norms are above 1), dropout
+# (0.1 in the tiny decoder) and the augmentation on: all that draws random numbers or shapes
+# an update.
 PARITY_FLAGS = ["--max_steps", str(STEPS), "--warmup_steps", "3", "--weight_decay", "0.1", "--max_grad_norm", "0.5",
                 "--learning_rate", "1e-3", "--eval_steps", "10", "--save_steps", "10"]
 CASES = {
-    # The recipe's whole flow: baseline, evaluations at steps 10 and 20 (generate, one draw
-    # from torch's generator each), best checkpoint, the starting model kept when no
-    # evaluation beats the baseline (the tiny model's case in 20 steps).
+    # The recipe's whole flow: baseline, evaluations at steps 10 and 20 (each pass over a
+    # DataLoader draws from torch's generator, so they shift the dropout masks after them),
+    # best checkpoint, the starting model kept when no evaluation beats the baseline (the
+    # tiny model's case in 20 steps).
     "ga1-recipe": ["--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4"],
-    # No evaluation during training: the final model is the trained one, so that the
-    # predictions compared come from trained weights.
+    # No evaluation (an eval strategy would force do_eval): the final model is the trained
+    # one, so that the predictions compared come from trained weights.
     "ga2-trained": ["--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2",
                     "--eval_strategy", "no", "--load_best_model_at_end", "false", "--do_eval", "false"],
 }
@@ -87,7 +92,9 @@ def test_per_step_parity_with_the_trainer(runs, case, tiny_model):
     reference, custom = runs(case)
     rows_a, rows_b = losses(reference), losses(custom)
     assert [row["step"] for row in rows_a] == [row["step"] for row in rows_b] == list(range(1, STEPS + 1))
-    assert max(relative_gaps(rows_a, rows_b)) <= 1e-5
+    gap = max(relative_gaps(rows_a, rows_b))
+    print(f"{case}: largest relative gap between the per-step losses over {STEPS} steps: {gap:.3g}")
+    assert gap <= 1e-5
     assert [row["learning_rate"] for row in rows_a] == [row["learning_rate"] for row in rows_b]
     assert [row["epoch"] for row in rows_a] == pytest.approx([row["epoch"] for row in rows_b], abs=1e-12)
     assert rows_a[0]["learning_rate"] == 0.0 and rows_a[3]["learning_rate"] == pytest.approx(1e-3)  # the warmup
@@ -173,6 +180,8 @@ def test_a_loop_that_keeps_bos_departs_at_step_1(runs, tiny_args, tmp_path, monk
 
     monkeypatch.setattr(trocr_recipe.data, "encode_labels", labels_with_bos)
     monkeypatch.setattr(run_trocr_no_trainer, "prepare_run", start_from_bos)
+    # A loop of one's own has no preflight: these are exactly the mistakes it would stop.
+    monkeypatch.setattr(run_trocr_no_trainer, "preflight", lambda *args, **kwargs: [])
     datasets.disable_caching()  # the label map must run again, not come from the cache
     try:
         run_trocr_no_trainer.main(tiny_args + PARITY_FLAGS + CASES["ga1-recipe"] + [
@@ -188,7 +197,7 @@ def test_a_loop_that_keeps_bos_departs_at_step_1(runs, tiny_args, tmp_path, monk
 def test_resume_from_the_last_complete_checkpoint(tiny_args, tmp_path, caplog):
     """Stopped after step 4, started again: it skips the incomplete checkpoint-6, resumes
     from checkpoint-4, and steps 5-8 are those of the run that was never stopped (dropout
-    on; augmentation off, see the README for why)."""
+    on; augmentation off: see the resume comments in run_trocr_no_trainer.train)."""
     flags = ["--no_augment", "--eval_steps", "4", "--save_steps", "4", "--do_predict", "false"]
     whole = tmp_path / "whole"
     run_trocr_no_trainer.main(tiny_args + flags + ["--max_steps", "8", "--output_dir", str(whole)])
@@ -207,3 +216,30 @@ def test_resume_from_the_last_complete_checkpoint(tiny_args, tmp_path, caplog):
     assert [row["step"] for row in resumed] == list(range(1, 9))
     assert resumed == reference
     assert read_jsonl(out / "eval_log.jsonl") == read_jsonl(whole / "eval_log.jsonl")
+
+
+def test_two_processes_match_the_trainer(tiny_args, tiny_data, tmp_path):
+    """DDP on two CPU processes: the same per-step losses (averaged over processes) and the
+    same validation CER curve (generations gathered without duplicates). Catches a loop,
+    or a Trainer, whose processes train unsynchronized replicas."""
+    flags = ["--use_cpu", "--max_steps", "12", "--eval_steps", "6", "--save_steps", "6", "--do_predict", "false",
+             "--weight_decay", "0.1", "--max_grad_norm", "0.5", "--per_device_train_batch_size", "2",
+             "--gradient_accumulation_steps", "2"]
+    folders = {}
+    for script in ("run_trocr.py", "run_trocr_no_trainer.py"):
+        folders[script] = tmp_path / script
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(ROOT / script), *tiny_args, *flags, "--output_dir", str(folders[script])]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    reference, custom = folders["run_trocr.py"], folders["run_trocr_no_trainer.py"]
+    rows_a, rows_b = losses(reference), losses(custom)
+    assert [row["step"] for row in rows_b] == list(range(1, 13))
+    assert [row["epoch"] for row in rows_b][-1] == pytest.approx(4.0)  # 12 lines per process, 3 steps an epoch
+    assert max(relative_gaps(rows_a, rows_b)) <= 1e-5
+    history = json.loads((reference / "trainer_state.json").read_text())["log_history"]
+    assert {e["step"]: e["eval_cer"] for e in history if "eval_cer" in e} == {
+        row["step"]: row["eval_cer"] for row in read_jsonl(custom / "eval_log.jsonl")}
+    validation = load_from_disk(str(tiny_data))["validation"]
+    assert [row["id"] for row in read_jsonl(custom / "predictions_validation.jsonl")] == list(validation["id"])

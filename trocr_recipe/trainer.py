@@ -38,6 +38,14 @@ class OcrTrainer(Seq2SeqTrainer):
         # compute_loss below normalizes by num_items_in_batch: the trainer must count them.
         self.model_accepts_loss_kwargs = True
 
+    def train(self, *args, **kwargs):
+        # accelerate (1.15) prepares a model once only (`_is_accelerate_prepared`). The
+        # baseline evaluation before train() prepared it for evaluation, without DDP, so
+        # train() would run each process on its own replica with unsynchronized gradients.
+        if self.model is self.model_wrapped:
+            self.model.__dict__.pop("_is_accelerate_prepared", None)
+        return super().train(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)  # labels in: the model shifts them into decoder inputs itself
         loss = token_loss(outputs.logits, inputs["labels"], num_items_in_batch)
