@@ -14,7 +14,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.checks import format_findings, preflight, preflight_forward
+from trocr_recipe.checks import run_preflight
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_split_report, write_training_curves
 from trocr_recipe.pipeline import prepare_run, setup_logging
@@ -75,12 +75,9 @@ def main(argv=None):
     model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
 
     # 4. Preflight: the known pitfalls, checked before any compute is spent on them.
-    findings = preflight(run, model_args, data_args, training_args, strict=data_args.preflight_strict)
-    if data_args.preflight_only:
-        loss = preflight_forward(model, run.collator, inputs["train"], training_args.per_device_train_batch_size)
-        print(format_findings(findings, data_args.preflight_strict))
-        print(f"One training batch forward: loss {loss:.4f}")
-        return {"preflight_findings": [str(finding) for finding in findings], "preflight_loss": loss}
+    report = run_preflight(run, model_args, data_args, training_args)
+    if report is not None:
+        return report
 
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
     metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])

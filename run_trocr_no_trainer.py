@@ -38,7 +38,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import align_special_tokens, enable_full_determinism, rotate_checkpoints, seed_worker
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.checks import format_findings, preflight, preflight_forward
+from trocr_recipe.checks import run_preflight
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
 from trocr_recipe.outputs import LossLog, read_jsonl, update_results, write_jsonl, write_model_card, write_predictions
@@ -507,12 +507,9 @@ def main(argv=None):
     model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
 
     # Preflight: the known pitfalls, checked before any compute is spent on them (as run_trocr.py).
-    findings = preflight(run, model_args, data_args, training_args, strict=data_args.preflight_strict)
-    if data_args.preflight_only:
-        loss = preflight_forward(model, run.collator, inputs["train"], training_args.per_device_train_batch_size)
-        print(format_findings(findings, data_args.preflight_strict))
-        print(f"One training batch forward: loss {loss:.4f}")
-        return {"preflight_findings": [str(finding) for finding in findings], "preflight_loss": loss}
+    report = run_preflight(run, model_args, data_args, training_args)
+    if report is not None:
+        return report
     # Trainer: seeds again in its __init__, after the model is loaded and before anything
     # draws from the random generators, and sets `use_cache` from the arguments.
     seed(training_args.seed)

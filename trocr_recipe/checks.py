@@ -512,3 +512,15 @@ def preflight_forward(model, collator, train_split, batch_size: int) -> float:
         loss, len(features), vocabulary, math.log(vocabulary),
     )
     return loss
+
+
+def run_preflight(run, model_args, data_args, training_args) -> dict | None:
+    """Both loops' step before training: stop on errors (and warnings, when strict). With
+    `preflight_only`, also one forward pass and a printed report, returned as the result."""
+    findings = preflight(run, model_args, data_args, training_args, strict=data_args.preflight_strict)
+    if not data_args.preflight_only:
+        return None
+    loss = preflight_forward(run.model, run.collator, run.inputs["train"], training_args.per_device_train_batch_size)
+    print(format_findings(findings, data_args.preflight_strict))
+    print(f"One training batch forward: loss {loss:.4f}")
+    return {"preflight_findings": [str(finding) for finding in findings], "preflight_loss": loss}
