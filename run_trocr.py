@@ -8,17 +8,16 @@ The recipe JSON gives the defaults, flags override them; `--help` lists every ar
 """
 
 import logging
-import os
 
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from trocr_recipe.args import parse_recipe
+from trocr_recipe.checkpoints import find_checkpoint
 from trocr_recipe.checks import run_preflight
 from trocr_recipe.metrics import GeneratedTextMetrics
-from trocr_recipe.outputs import LossLog, update_results, write_model_card, write_split_report, write_training_curves
+from trocr_recipe.outputs import LossLog, log_scores, update_results, write_model_card, write_split_report, write_training_curves
 from trocr_recipe.pipeline import prepare_run, setup_logging
-from trocr_recipe.trainer import OcrTrainer, load_checkpoint_weights
+from trocr_recipe.trainer import OcrTrainer, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -36,14 +35,6 @@ class LossLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             self.log.append(state.global_step, logs["loss"], logs.get("learning_rate"), logs.get("epoch"))
-
-
-def find_checkpoint(training_args) -> str | None:
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        return get_last_checkpoint(training_args.output_dir)
-    return None
 
 
 def evaluate_split(trainer, metrics, split, references, prefix):
@@ -107,14 +98,8 @@ def main(argv=None):
         results.update(train_result.metrics)
         best = trainer.state.best_metric
         if training_args.do_eval and (best is None or best >= results["baseline_cer"]):
-            logger.warning(
-                "\n%s\nTRAINING NEVER BEAT THE BASELINE (best validation CER %s, baseline %.2f):\n"
-                "the saved model is the starting checkpoint %s, not a trained one.\n%s",
-                "!" * 78, best, results["baseline_cer"], model_args.model_name_or_path, "!" * 78,
-            )
-            load_checkpoint_weights(
-                trainer.accelerator.unwrap_model(trainer.model), model_args.model_name_or_path,
-                revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            restore_starting_model(
+                trainer.accelerator.unwrap_model(trainer.model), model_args, "cer", best, results["baseline_cer"]
             )
             results["kept_starting_model"] = True
         trainer.save_model()
@@ -134,9 +119,7 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
             write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
-        logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
-        for reference, prediction in list(zip(references[role], predictions))[:5]:
-            logger.info("  reference:  %s\n  prediction: %s", reference, prediction)
+        log_scores(role, prefix, scores, references[role], predictions)
 
     # 8. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():
@@ -145,7 +128,11 @@ def main(argv=None):
         summary = {key: results[key] for key in ("baseline_cer", "eval_cer", "test_cer") if key in results}
         logger.info("Results: %s", summary)
     if training_args.push_to_hub:
+        # The output folder but its checkpoint-* folders: model, processor, generation config,
+        # the model card above, results, predictions and TensorBoard logs (runs/).
         trainer.push_to_hub(commit_message="TrOCR fine-tuned with run_trocr.py")
+        if trainer.is_world_process_zero():
+            logger.info("Pushed %s to the Hub repo %s", training_args.output_dir, trainer.hub_model_id)
     return results
 
 

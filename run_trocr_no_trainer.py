@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from functools import partial
@@ -38,19 +37,28 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import align_special_tokens, enable_full_determinism, rotate_checkpoints, seed_worker
 
 from trocr_recipe.args import parse_recipe
+from trocr_recipe.checkpoints import find_checkpoint
 from trocr_recipe.checks import run_preflight
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
-from trocr_recipe.outputs import LossLog, read_jsonl, update_results, write_jsonl, write_model_card, write_predictions
+from trocr_recipe.outputs import (
+    LossLog,
+    log_scores,
+    read_jsonl,
+    update_results,
+    write_jsonl,
+    write_model_card,
+    write_split_report,
+    write_training_curves,
+)
 from trocr_recipe.pipeline import prepare_run, setup_logging
-from trocr_recipe.trainer import load_checkpoint_weights
+from trocr_recipe.trainer import load_checkpoint_weights, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
 
 EVAL_LOG = "eval_log.jsonl"
 LOOP_STATE = "loop_state.json"  # global step, best metric, ... inside each checkpoint
 COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # --------------------------------------------------------------------------------------
@@ -200,31 +208,6 @@ def register_checkpoint_hooks(accelerator, model):
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-
-
-def find_checkpoint(training_args) -> str | None:
-    """`--resume_from_checkpoint DIR`, else the last complete checkpoint in output_dir."""
-    if training_args.resume_from_checkpoint:
-        path = training_args.resume_from_checkpoint
-        if not os.path.isfile(os.path.join(path, COMPLETE)):
-            raise SystemExit(f"{path}: not a complete checkpoint of run_trocr_no_trainer.py (no {COMPLETE})")
-        return path
-    if not training_args.do_train or not os.path.isdir(training_args.output_dir):
-        return None
-    steps = sorted(
-        (int(match.group(1)), name)
-        for name in os.listdir(training_args.output_dir)
-        if (match := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(training_args.output_dir, name))
-    )
-    for _, name in reversed(steps):
-        path = os.path.join(training_args.output_dir, name)
-        if os.path.isfile(os.path.join(path, COMPLETE)):
-            return path
-        # Written when the run died. Removed, or checkpoint rotation would keep it over a good one.
-        logger.warning("Skipping %s: incomplete checkpoint (no %s); removing it", path, COMPLETE)
-        if training_args.should_save:
-            shutil.rmtree(path, ignore_errors=True)
-    return None
 
 
 def restore_rng(checkpoint: str, process_index: int) -> None:
@@ -498,7 +481,7 @@ def main(argv=None):
     logger.info("Training arguments %s", training_args)
 
     # 2. Resume from the last complete checkpoint in output_dir, if any.
-    checkpoint = find_checkpoint(training_args)
+    checkpoint = find_checkpoint(training_args, COMPLETE)
     seed = enable_full_determinism if training_args.full_determinism else set_seed
     seed(training_args.seed)
 
@@ -584,14 +567,8 @@ def main(argv=None):
         metric = best_metric_name(training_args)
         best = state["best_metric"]
         if training_args.do_eval and (best is None or not best_is_better(training_args, best, results[f"baseline_{metric}"])):
-            logger.warning(
-                "\n%s\nTRAINING NEVER BEAT THE BASELINE (best validation %s %s, baseline %.2f):\n"
-                "the saved model is the starting checkpoint %s, not a trained one.\n%s",
-                "!" * 78, metric.upper(), best, results[f"baseline_{metric}"], model_args.model_name_or_path, "!" * 78,
-            )
-            load_checkpoint_weights(
-                accelerator.unwrap_model(model), model_args.model_name_or_path,
-                revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            restore_starting_model(
+                accelerator.unwrap_model(model), model_args, metric, best, results[f"baseline_{metric}"]
             )
             results["kept_starting_model"] = True
         accelerator.wait_for_everyone()
@@ -600,6 +577,10 @@ def main(argv=None):
         )
         if accelerator.is_main_process:
             processor.save_pretrained(training_args.output_dir)
+            eval_log = Path(training_args.output_dir) / EVAL_LOG
+            # The baseline is step 0 of the validation-CER curve.
+            eval_rows = [{"step": 0, "eval_cer": results["baseline_cer"]}] if "baseline_cer" in results else []
+            write_training_curves(training_args.output_dir, eval_rows + (read_jsonl(eval_log) if eval_log.exists() else []))
 
     # 7. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
@@ -608,10 +589,9 @@ def main(argv=None):
         scores, predictions = score(accelerator, model, loaders[role], tokenizer, training_args, references[role], prefix)
         results.update(scores)
         if accelerator.is_main_process:
-            write_predictions(training_args.output_dir, role, ids[role], references[role], predictions)
-        logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
-        for reference, prediction in list(zip(references[role], predictions))[:5]:
-            logger.info("  reference:  %s\n  prediction: %s", reference, prediction)
+            images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
+            write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
+        log_scores(role, prefix, scores, references[role], predictions)
 
     # 8. Results and model card; the Hub.
     if accelerator.is_main_process:

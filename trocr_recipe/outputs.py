@@ -2,12 +2,17 @@
 all_results.json and the model card."""
 
 import json
+import logging
+import os
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .figures import training_curves_figure, worst_lines_figure
 from .metrics import line_cer
+
+logger = logging.getLogger("trocr_recipe")
 
 LOSS_LOG = "loss_log.jsonl"
 RESULTS = "all_results.json"
@@ -22,8 +27,17 @@ class LossLog:
 
     def start(self, resumed_step: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_jsonl(self.path) if self.path.exists() and resumed_step > 0 else []
-        write_jsonl(self.path, [row for row in rows if row["step"] <= resumed_step])
+        rows = []
+        if self.path.exists() and resumed_step > 0:
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut by a killed run
+                    pass
+        # Rewritten whole, then renamed: a run killed here keeps the earlier log intact.
+        partial = self.path.with_name(self.path.name + ".tmp")
+        write_jsonl(partial, [row for row in rows if row.get("step", resumed_step + 1) <= resumed_step])
+        os.replace(partial, self.path)
 
     def append(self, step: int, loss: float, learning_rate: float, epoch: float | None = None) -> None:
         row = {"step": step, "loss": loss, "learning_rate": learning_rate}
@@ -62,6 +76,12 @@ def write_split_report(output_dir: str, split: str, ids, references, predictions
     )
 
 
+def log_scores(role: str, prefix: str, scores: dict, references, predictions, samples: int = 5) -> None:
+    logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
+    for reference, prediction in list(zip(references, predictions))[:samples]:
+        logger.info("  reference:  %s\n  prediction: %s", reference, prediction)
+
+
 def write_training_curves(output_dir: str, eval_rows: list[dict]) -> None:
     """training_curves.png: loss and learning rate per step (from loss_log.jsonl) and the
     validation CER of each evaluation (`{"step", "eval_cer"}` rows)."""
@@ -80,15 +100,31 @@ def update_results(output_dir: str, results: dict) -> dict:
     return merged
 
 
+def hub_id(name: str | None) -> str | None:
+    """`name` if it can be a Hub repo id, None for a local path (the Hub rejects a card whose
+    `base_model` or `datasets` is not one)."""
+    if not name or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def write_model_card(output_dir: str, model_args, data_args, results: dict) -> None:
     """README.md with the results, in the Hub's model-index format (cer / wer on the test
-    split, else validation)."""
+    split, else validation), and `base_model` / `datasets` when they are Hub ids."""
     split = "test" if "test_cer" in results else "eval"
+    base_model, dataset = hub_id(model_args.model_name_or_path), hub_id(data_args.dataset_name)
+    dataset_label = dataset or Path(data_args.dataset_name).name  # a local folder: its name
     eval_results = [
         EvalResult(
             task_type="image-to-text",
-            dataset_type=data_args.dataset_name,
-            dataset_name=data_args.dataset_name,
+            task_name="Handwritten text recognition",
+            dataset_type=dataset_label,
+            dataset_name=dataset_label,
+            dataset_config=getattr(data_args, "dataset_config_name", None),
             dataset_split=getattr(data_args, f"{'test' if split == 'test' else 'validation'}_split"),
             metric_type=metric,
             metric_name=metric.upper(),
@@ -98,8 +134,9 @@ def write_model_card(output_dir: str, model_args, data_args, results: dict) -> N
         if f"{split}_{metric}" in results
     ]
     data = ModelCardData(
-        base_model=model_args.model_name_or_path,
-        datasets=[data_args.dataset_name],
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
+        library_name="transformers",
         tags=["trocr", "ocr", "handwriting"],
         model_name=Path(output_dir).name,
         eval_results=eval_results or None,
@@ -112,7 +149,8 @@ def write_model_card(output_dir: str, model_args, data_args, results: dict) -> N
 
 # {Path(output_dir).name}
 
-TrOCR fine-tuned from `{model_args.model_name_or_path}` on `{data_args.dataset_name}`.
+TrOCR fine-tuned from `{model_args.model_name_or_path}` on `{data_args.dataset_name}`; the
+model-index scores are on its `{eval_results[0].dataset_split if eval_results else "?"}` split.
 CER and WER are corpus-level percentages, case-sensitive, on raw reference strings,
 decoded with beam search (see `generation_config.json`).
 

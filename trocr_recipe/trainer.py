@@ -1,11 +1,14 @@
 """The Seq2SeqTrainer of the reference recipe, repaired for VisionEncoderDecoderModel."""
 
+import logging
 import os
 
 from transformers import Seq2SeqTrainer
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .modeling import token_loss
+
+logger = logging.getLogger("trocr_recipe")
 
 
 def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
@@ -17,6 +20,19 @@ def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) ->
     'missing' and 'unexpected'). Going through `from_pretrained` applies the renaming."""
     loaded = type(model).from_pretrained(checkpoint, **from_pretrained_kwargs)
     model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def restore_starting_model(model, model_args, metric: str, best, baseline: float) -> None:
+    """Training never beat the baseline: the run keeps the checkpoint it started from,
+    and says so loudly."""
+    logger.warning(
+        "\n%s\nTRAINING NEVER BEAT THE BASELINE (best validation %s %s, baseline %.2f):\n"
+        "the saved model is the starting checkpoint %s, not a trained one.\n%s",
+        "!" * 78, metric.upper(), best, baseline, model_args.model_name_or_path, "!" * 78,
+    )
+    load_checkpoint_weights(
+        model, model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir
+    )
 
 
 class OcrTrainer(Seq2SeqTrainer):
@@ -31,12 +47,22 @@ class OcrTrainer(Seq2SeqTrainer):
     Evaluation across processes: every line is scored once (see evaluation_loop).
 
     Checkpoints: resume and best-model loading go through `from_pretrained` for plain
-    (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines."""
+    (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines.
+    `trainer_state.json` is the last file of a checkpoint on every process (it marks it
+    complete, see trocr_recipe.checkpoints), and a run resumed from its last step does not
+    train one step more.
+
+    The Hub token: the trainer pickles its arguments into every `training_args.bin`, which
+    push_to_hub uploads, `hub_token` included. It is moved out of the arguments into the
+    process environment (`HF_TOKEN`, where huggingface_hub looks for it) once the repo exists."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # creates the Hub repo with args.hub_token (push_to_hub)
         # compute_loss below normalizes by num_items_in_batch: the trainer must count them.
         self.model_accepts_loss_kwargs = True
+        if self.args.hub_token:
+            os.environ["HF_TOKEN"] = self.args.hub_token
+            self.args.hub_token = None
 
     def train(self, *args, **kwargs):
         # accelerate (1.15) prepares a model once only (`_is_accelerate_prepared`). The
@@ -44,7 +70,29 @@ class OcrTrainer(Seq2SeqTrainer):
         # train() would run each process on its own replica with unsynchronized gradients.
         if self.model is self.model_wrapped:
             self.model.__dict__.pop("_is_accelerate_prepared", None)
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        losses = [row["loss"] for row in self.state.log_history if "loss" in row]
+        if self.state.global_step == getattr(self, "_initial_global_step", None) and losses:
+            # No step in this call: train_loss is the run's, the mean of its logged losses (not 0).
+            train_loss = sum(losses) / len(losses)
+            output = output._replace(training_loss=train_loss, metrics={**output.metrics, "train_loss": train_loss})
+        return output
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint at max_steps, the stock loop runs one step before it
+        # checks max_steps (and saves checkpoint-<max_steps + 1>): stop before it instead.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            logger.info("Resumed at step %d of max_steps=%d: nothing left to train", self.state.global_step,
+                        self.state.max_steps)
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _save_rng_state(self, output_dir):
+        # Process 0 writes trainer_state.json next, the mark of a complete checkpoint: every
+        # process's rng_state_<i>.pth must be on disk before it.
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)  # labels in: the model shifts them into decoder inputs itself
