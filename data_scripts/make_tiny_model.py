@@ -27,7 +27,7 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # Sizes for the two uses: `demo` learns to read synthetic lines on a CPU in minutes,
 # `tiny` only has to run through every code path in seconds (tests, recipes/tiny.json).
 PRESETS = {
-    "demo": dict(hidden_size=160),
+    "demo": dict(hidden_size=160, patch_size=[32, 4], vocab_size=300),
     "tiny": dict(width=128, hidden_size=32, encoder_layers=1, decoder_layers=1, heads=2, vocab_size=300),
 }
 
@@ -79,11 +79,17 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     torch.manual_seed(args.seed)
     model = VisionEncoderDecoderModel(config=config)
-    # Patches start out knowing where they are (left to right), as sinusoids: from random
-    # position embeddings a small model takes thousands of steps to learn where to look.
-    positions = model.encoder.embeddings.position_embeddings
+    embeddings = model.encoder.embeddings
     with torch.no_grad():
-        positions[0] = sinusoids(positions.shape[1], positions.shape[2])
+        # A text line is mostly white page: with ViT's initial patch weights (std 0.02) the
+        # ink moves a patch's embedding so little that the pre-LN layers' own output drowns
+        # it, and the decoder learns to ignore the image. Weights scaled to the line's pixel
+        # spread (about 0.17 in [-1, 1]) make ink as loud as position from the first step.
+        projection = embeddings.patch_embeddings.projection
+        fan_in = projection.weight[0].numel()
+        projection.weight.normal_(0.0, 1.0 / (0.17 * math.sqrt(fan_in)))
+        # Patches start out knowing where they are, left to right, as sinusoids.
+        embeddings.position_embeddings[0] = sinusoids(embeddings.position_embeddings.shape[1], args.hidden_size)
     return model
 
 
