@@ -43,10 +43,9 @@ from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
 from trocr_recipe.outputs import (
     LossLog,
+    StepLog,
     log_scores,
-    read_jsonl,
     update_results,
-    write_jsonl,
     write_model_card,
     write_split_report,
     write_training_curves,
@@ -294,12 +293,10 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
         if not args.ignore_data_skip:
             steps_trained_in_epoch = (state["global_step"] % updates_per_epoch) * accumulation
 
-    loss_log = LossLog(args.output_dir)
-    eval_log = Path(args.output_dir) / EVAL_LOG
+    loss_log, eval_log = LossLog(args.output_dir), StepLog(args.output_dir, EVAL_LOG)
     if accelerator.is_main_process:
         loss_log.start(state["global_step"])
-        kept = read_jsonl(eval_log) if eval_log.exists() and state["global_step"] > 0 else []
-        write_jsonl(eval_log, [row for row in kept if row["step"] <= state["global_step"]])
+        eval_log.start(state["global_step"])
 
     logger.info("***** Running training (custom loop) *****")
     logger.info("  Num examples = %d, epochs = %d, optimizer steps = %d", len(train_loader.dataset), num_epochs, max_steps)
@@ -311,8 +308,7 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
         logger.info("Step %d: validation CER %.2f WER %.2f", state["global_step"], scores["eval_cer"], scores["eval_wer"])
         accelerator.log({"eval/cer": scores["eval_cer"], "eval/wer": scores["eval_wer"]}, step=state["global_step"])
         if accelerator.is_main_process:
-            with eval_log.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps({"step": state["global_step"], **scores}) + "\n")
+            eval_log.write({"step": state["global_step"], **scores})
         value, best = scores[f"eval_{metric}"], state["best_metric"]
         # Trainer's EarlyStoppingCallback looks before the best metric is updated.
         if data_args.early_stopping_patience:
@@ -577,10 +573,9 @@ def main(argv=None):
         )
         if accelerator.is_main_process:
             processor.save_pretrained(training_args.output_dir)
-            eval_log = Path(training_args.output_dir) / EVAL_LOG
             # The baseline is step 0 of the validation-CER curve.
             eval_rows = [{"step": 0, "eval_cer": results["baseline_cer"]}] if "baseline_cer" in results else []
-            write_training_curves(training_args.output_dir, eval_rows + (read_jsonl(eval_log) if eval_log.exists() else []))
+            write_training_curves(training_args.output_dir, eval_rows + StepLog(training_args.output_dir, EVAL_LOG).read())
 
     # 7. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):

@@ -18,12 +18,12 @@ LOSS_LOG = "loss_log.jsonl"
 RESULTS = "all_results.json"
 
 
-class LossLog:
-    """`loss_log.jsonl`: one {"step", "loss", "learning_rate", "epoch"} per optimizer step.
-    On resume, rows past the resumed step are dropped so the file never holds a step twice."""
+class StepLog:
+    """A JSONL log of one row per step (`loss_log.jsonl`, `eval_log.jsonl`). On resume, rows
+    past the resumed step are dropped so the file never holds a step twice."""
 
-    def __init__(self, output_dir: str):
-        self.path = Path(output_dir) / LOSS_LOG
+    def __init__(self, output_dir: str, name: str):
+        self.path = Path(output_dir) / name
 
     def start(self, resumed_step: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,12 +39,25 @@ class LossLog:
         write_jsonl(partial, [row for row in rows if row.get("step", resumed_step + 1) <= resumed_step])
         os.replace(partial, self.path)
 
+    def write(self, row: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict]:
+        return read_jsonl(self.path) if self.path.exists() else []
+
+
+class LossLog(StepLog):
+    """`loss_log.jsonl`: one {"step", "loss", "learning_rate", "epoch"} per optimizer step."""
+
+    def __init__(self, output_dir: str):
+        super().__init__(output_dir, LOSS_LOG)
+
     def append(self, step: int, loss: float, learning_rate: float, epoch: float | None = None) -> None:
         row = {"step": step, "loss": loss, "learning_rate": learning_rate}
         if epoch is not None:
             row["epoch"] = epoch
-        with self.path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(row) + "\n")
+        self.write(row)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -85,10 +98,7 @@ def log_scores(role: str, prefix: str, scores: dict, references, predictions, sa
 def write_training_curves(output_dir: str, eval_rows: list[dict]) -> None:
     """training_curves.png: loss and learning rate per step (from loss_log.jsonl) and the
     validation CER of each evaluation (`{"step", "eval_cer"}` rows)."""
-    loss_log = Path(output_dir) / LOSS_LOG
-    training_curves_figure(
-        Path(output_dir) / "training_curves.png", read_jsonl(loss_log) if loss_log.exists() else [], eval_rows
-    )
+    training_curves_figure(Path(output_dir) / "training_curves.png", LossLog(output_dir).read(), eval_rows)
 
 
 def update_results(output_dir: str, results: dict) -> dict:

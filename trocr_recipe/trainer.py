@@ -36,13 +36,16 @@ def restore_starting_model(model, model_args, metric: str, best, baseline: float
 
 
 class OcrTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer with three repairs for VisionEncoderDecoderModel in transformers 5.
+    """Seq2SeqTrainer with four repairs for VisionEncoderDecoderModel in transformers 5.
 
     The loss: the model's forward takes **kwargs, so the trainer assumes it normalizes
     by `num_items_in_batch` and neither divides by the accumulation steps nor undoes the
     multi-process scaling, while the model returns a plain per-batch mean: gradients come
     out accumulation-steps x processes too large. Here the loss is summed over tokens and
     divided by the step's token count, the normalization the trainer expects.
+
+    DDP after an evaluation: train() wraps the model even when the baseline evaluation
+    prepared it first (see train).
 
     Evaluation across processes: every line is scored once (see evaluation_loop).
 
