@@ -12,7 +12,7 @@ import logging
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.checkpoints import find_checkpoint
+from trocr_recipe.checkpoints import claim_output_dir, find_checkpoint
 from trocr_recipe.checks import run_preflight
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, log_scores, update_results, write_model_card, write_split_report, write_training_curves
@@ -54,7 +54,8 @@ def main(argv=None):
     setup_logging(training_args)
     logger.info("Training arguments %s", training_args)
 
-    # 2. Resume from the last checkpoint in output_dir, if any.
+    # 2. Resume from the last checkpoint in output_dir, if any: only a run of the same recipe.
+    claim_output_dir(model_args, data_args, training_args)
     checkpoint = find_checkpoint(training_args)
     if checkpoint:
         logger.info("Resuming from %s", checkpoint)
@@ -84,7 +85,7 @@ def main(argv=None):
     )
     if data_args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
-    results = {f"{role}_truncated_labels": count for role, count in run.truncated.items()}
+    results = run.data_results()  # truncated labels and skipped lines per split
 
     # 5. Baseline: the starting model on validation, before any update.
     if training_args.do_eval:
@@ -119,13 +120,14 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
             write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
-        log_scores(role, prefix, scores, references[role], predictions)
+        log_scores(role, prefix, scores, references[role], predictions, run.skipped[role])
 
     # 8. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():
         results = update_results(training_args.output_dir, results)
         write_model_card(training_args.output_dir, model_args, data_args, results)
-        summary = {key: results[key] for key in ("baseline_cer", "eval_cer", "test_cer") if key in results}
+        shown = ("baseline_cer", "eval_cer", "eval_skipped_lines", "test_cer", "test_skipped_lines")
+        summary = {key: results[key] for key in shown if key in results}
         logger.info("Results: %s", summary)
     if training_args.push_to_hub:
         # The output folder but its checkpoint-* folders: model, processor, generation config,

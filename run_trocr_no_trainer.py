@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, load
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import Seq2SeqTrainer, get_scheduler, set_seed
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import align_special_tokens, enable_full_determinism, rotate_checkpoints, seed_worker
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.checkpoints import find_checkpoint
+from trocr_recipe.checkpoints import claim_output_dir, find_checkpoint
 from trocr_recipe.checks import run_preflight
+from trocr_recipe.generation import generate
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
 from trocr_recipe.outputs import (
@@ -137,8 +138,10 @@ def generate_predictions(accelerator, model, dataloader, tokenizer, training_arg
     gen_kwargs = {"max_length": training_args.generation_max_length, "num_beams": training_args.generation_num_beams}
     predictions = []
     for batch in dataloader:
+        # Batched beam search with what a line's beams share computed once per line
+        # (Seq2SeqTrainer generates the same way, see OcrTrainer.prediction_step).
         with torch.no_grad():
-            generated = generator.generate(pixel_values=batch["pixel_values"], **gen_kwargs)
+            generated = generate(generator, batch["pixel_values"], **gen_kwargs)
         # Lengths differ between processes: pad before gathering; gather_for_metrics drops the
         # samples repeated to even out the last batch.
         generated = accelerator.pad_across_processes(generated, dim=1, pad_index=tokenizer.pad_token_id)
@@ -210,8 +213,9 @@ def register_checkpoint_hooks(accelerator, model):
 
 
 def restore_rng(checkpoint: str, process_index: int) -> None:
-    """The random states accelerator.save_state wrote (python, numpy, torch, cuda)."""
-    states = torch.load(os.path.join(checkpoint, f"random_states_{process_index}.pkl"), weights_only=False)
+    """The random states accelerator.save_state wrote (python, numpy, torch, cuda), read with
+    weights_only=True (numpy's arrays allowed, as accelerate reads them): a checkpoint runs no code."""
+    states = load(os.path.join(checkpoint, f"random_states_{process_index}.pkl"))
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
@@ -276,7 +280,9 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
         num_training_steps=max_steps,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
-    accelerator.register_for_checkpointing(scheduler)
+    # Its state goes into loop_state.json, not through register_for_checkpointing: accelerate
+    # reads registered objects back with torch.load(weights_only=False), which runs any code a
+    # crafted checkpoint holds.
 
     metric = best_metric_name(args)
     better = np.greater if args.greater_is_better else np.less
@@ -287,6 +293,7 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
         logger.info("Resuming from %s", checkpoint)
         accelerator.load_state(checkpoint)
         state.update(json.loads(Path(checkpoint, LOOP_STATE).read_text(encoding="utf-8")))
+        scheduler.load_state_dict(state["scheduler"])
         if state["best_checkpoint"] and not os.path.isdir(state["best_checkpoint"]):
             state["best_checkpoint"] = None
         epochs_trained = state["global_step"] // updates_per_epoch
@@ -325,6 +332,7 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
             if save_strategy == "best":
                 save_now = new_best
         if save_now:
+            state["scheduler"] = scheduler.state_dict()
             save_checkpoint(accelerator, args, processor, state)
 
     first_step = state["global_step"]
@@ -476,7 +484,8 @@ def main(argv=None):
     setup_logging(training_args)
     logger.info("Training arguments %s", training_args)
 
-    # 2. Resume from the last complete checkpoint in output_dir, if any.
+    # 2. Resume from the last complete checkpoint in output_dir, if any: only a run of the same recipe.
+    claim_output_dir(model_args, data_args, training_args)
     checkpoint = find_checkpoint(training_args, COMPLETE)
     seed = enable_full_determinism if training_args.full_determinism else set_seed
     seed(training_args.seed)
@@ -537,7 +546,7 @@ def main(argv=None):
         register_checkpoint_hooks(accelerator, model)
     else:
         model = accelerator.prepare_model(model, evaluation_mode=True)
-    results = {f"{role}_truncated_labels": count for role, count in run.truncated.items()}
+    results = run.data_results()  # truncated labels and skipped lines per split
     tokenizer = processor.tokenizer
 
     # 5. Baseline: the starting model on validation, before any update.
@@ -586,13 +595,14 @@ def main(argv=None):
         if accelerator.is_main_process:
             images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
             write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
-        log_scores(role, prefix, scores, references[role], predictions)
+        log_scores(role, prefix, scores, references[role], predictions, run.skipped[role])
 
     # 8. Results and model card; the Hub.
     if accelerator.is_main_process:
         results = update_results(training_args.output_dir, results)
         write_model_card(training_args.output_dir, model_args, data_args, results)
-        summary = {key: results[key] for key in ("baseline_cer", "eval_cer", "test_cer") if key in results}
+        shown = ("baseline_cer", "eval_cer", "eval_skipped_lines", "test_cer", "test_skipped_lines")
+        summary = {key: results[key] for key in shown if key in results}
         logger.info("Results: %s", summary)
         if training_args.push_to_hub:
             push_to_hub(training_args)

@@ -27,7 +27,6 @@ ratio=X.XX`, baseline time over ours at `--num_beams` (default 4).
 """
 
 import argparse
-import contextlib
 import math
 import random
 import sys
@@ -107,45 +106,6 @@ class ReferenceLengths(LogitsProcessor):
         return scores
 
 
-# --------------------------------------------------------------------------------------
-# Proposed change, as a local patch (neither transformers nor trocr_recipe is edited).
-# --------------------------------------------------------------------------------------
-class ProjectOnce(torch.nn.Module):
-    """enc_to_dec_proj (encoder width -> decoder width) computed once per generate call:
-    VisionEncoderDecoderModel.forward projects the whole encoder output again at every
-    decoding step, for every beam, though it is the same tensor each time."""
-
-    def __init__(self, projection):
-        super().__init__()
-        self.projection, self.last = projection, None
-
-    def forward(self, hidden_states):
-        if self.last is None or self.last[0] is not hidden_states:
-            self.last = (hidden_states, self.projection(hidden_states))
-        return self.last[1]
-
-
-@contextlib.contextmanager
-def generation_fixes(model):
-    """Two exact repairs of encoder-decoder beam search in transformers 5: the projection
-    above, and no reordering of the cross-attention cache at each step (its keys and values
-    are the same for every beam of a line, so gathering them by beam index copies
-    batch x beams x encoder positions x width x layers for nothing)."""
-    from transformers.cache_utils import EncoderDecoderCache
-
-    reorder = EncoderDecoderCache.reorder_cache
-    projection = getattr(model, "enc_to_dec_proj", None)
-    EncoderDecoderCache.reorder_cache = lambda cache, beam_idx: cache.self_attention_cache.reorder_cache(beam_idx)
-    if projection is not None:
-        model.enc_to_dec_proj = ProjectOnce(projection)
-    try:
-        yield
-    finally:
-        EncoderDecoderCache.reorder_cache = reorder
-        if projection is not None:
-            model.enc_to_dec_proj = projection
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=32, help="Validation lines per measurement (one batch of 32 by default).")
@@ -166,8 +126,6 @@ def main(argv=None):
     parser.add_argument("--vocab_size", type=int, default=0,
                         help="Output vocabulary of the decoder (TrOCR-small: 64044); default: the tokenizer's. "
                              "Ids the tokenizer does not know are never generated.")
-    parser.add_argument("--no_proposed", dest="proposed", action="store_false",
-                        help="Skip the ours+fixes row (the proposed repairs of beam search, patched locally).")
     parser.add_argument("--tokenizer_vocab", type=int, default=1000, help="BPE vocabulary trained on the texts.")
     add_common_args(parser, repeats=3)
     args = parser.parse_args(argv)
@@ -221,16 +179,15 @@ def main(argv=None):
             training_args = SimpleNamespace(generation_max_length=max_length, generation_num_beams=beams)
             predictions = {}
 
-            def ours(name="ours", fixes=False):
+            def ours():
                 lengths.reset()
                 # generate_predictions passes max_length and num_beams; the rest rides along.
                 model.generate = lambda **kw: generate(**{**kwargs, **kw})
-                with generation_fixes(model) if fixes else contextlib.nullcontext():
-                    start = time.perf_counter()
-                    predictions[name] = generate_predictions(accelerator, model, loader, tokenizer, training_args)
-                    synchronize(device)
-                    seconds = time.perf_counter() - start
-                model.generate = generate
+                start = time.perf_counter()
+                predictions["ours"] = generate_predictions(accelerator, model, loader, tokenizer, training_args)
+                synchronize(device)
+                seconds = time.perf_counter() - start
+                del model.generate
                 return seconds / len(texts)
 
             def baseline():
@@ -253,8 +210,6 @@ def main(argv=None):
                 return (time.perf_counter() - start) / len(texts)
 
             measurements = {"baseline": baseline, "ours": ours}
-            if args.proposed:
-                measurements["ours+fixes"] = lambda: ours("ours+fixes", fixes=True)
             if floor is None:
                 measurements["encoder"] = encoder_only
             samples = {name: [] for name in measurements}

@@ -18,10 +18,6 @@ write once per optimizer step (trocr_recipe.outputs.LossLog.append is wrapped to
 time): start-up, the first step (warm-up, data loader start) and everything after the
 last step are left out. The last line is `bench_train ratio=X.XX`: loop time over Trainer
 time per step (1.00 = the Trainer costs nothing; the target is >= 0.95).
-
-The trainer+fix row (on by default) runs the Trainer with the change proposed in
-benchmarks/README.md, patched locally: the parameter count behind its per-step
-`floating_point_ops` computed once instead of at every step.
 """
 
 import argparse
@@ -41,33 +37,8 @@ import make_tiny_model  # noqa: E402
 import run_trocr  # noqa: E402
 import run_trocr_no_trainer  # noqa: E402
 from trocr_recipe import outputs  # noqa: E402
-from trocr_recipe.trainer import OcrTrainer  # noqa: E402
 
 LOOPS = {"trainer": run_trocr.main, "loop": run_trocr_no_trainer.main}
-
-
-@contextlib.contextmanager
-def cached_parameter_count():
-    """The proposed change, patched locally: Trainer.floating_point_ops (called at every
-    step for the `total_flos` statistic) counts the model's parameters again each time,
-    walking every module (about 0.15 ms for the tiny model, 0.9 ms for a TrOCR-small-sized
-    one); counted once, the statistic is the same."""
-    original = OcrTrainer.floating_point_ops
-    counts = {}
-
-    def floating_point_ops(self, inputs):
-        name = getattr(self.model, "main_input_name", "input_ids")
-        if name not in inputs or not hasattr(self.model, "num_parameters"):
-            return 0
-        if id(self.model) not in counts:
-            counts[id(self.model)] = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[name].numel() * counts[id(self.model)]
-
-    OcrTrainer.floating_point_ops = floating_point_ops
-    try:
-        yield
-    finally:
-        OcrTrainer.floating_point_ops = original
 
 
 @contextlib.contextmanager
@@ -110,9 +81,8 @@ def output_to(path: Path):
 def run_once(name: str, recipe_args: list[str], output_dir: Path, log: Path) -> list[float]:
     """One run's step durations in seconds (the first step left out)."""
     times: list[float] = []
-    proposed = name.endswith("+fix")
-    with step_clock(times), output_to(log), cached_parameter_count() if proposed else contextlib.nullcontext():
-        LOOPS[name.removesuffix("+fix")](recipe_args + ["--output_dir", str(output_dir)])
+    with step_clock(times), output_to(log):
+        LOOPS[name](recipe_args + ["--output_dir", str(output_dir)])
     if len(times) < 3:
         raise SystemExit(f"{name}: only {len(times)} steps were logged; see {log}")
     return [later - earlier for earlier, later in zip(times, times[1:])]
@@ -126,8 +96,6 @@ def main(argv=None):
     parser.add_argument("--num_train", type=int, default=32, help="Training lines generated (make tiny: 32).")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="Further recipe flags for both runs, e.g. --extra --gradient_accumulation_steps 2.")
-    parser.add_argument("--no_proposed", dest="proposed", action="store_false",
-                        help="Skip the trainer+fix row (the proposed change to OcrTrainer, patched locally).")
     parser.add_argument("--keep", metavar="DIR", default=None, help="Build data, model and runs in DIR and keep them.")
     add_common_args(parser, repeats=7)
     args = parser.parse_args(argv)
@@ -152,12 +120,12 @@ def main(argv=None):
             "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         ] + use_cpu + args.extra
 
-        names = list(LOOPS) + (["trainer+fix"] if args.proposed else [])
+        names = list(LOOPS)
         steps = {name: [] for name in names}  # per run: step durations
         for repeat in range(args.repeats):
             for name in names if repeat % 2 == 0 else reversed(names):
                 progress(f"repetition {repeat + 1}/{args.repeats}: {name}, {args.max_steps} steps")
-                steps[name].append(run_once(name, recipe_args, work / f"{name.replace('+', '-')}-{repeat}", log))
+                steps[name].append(run_once(name, recipe_args, work / f"{name}-{repeat}", log))
 
     # Per run: the mean step (everything between the first and the last logged step) and the
     # median step; across runs, the median of each.

@@ -59,6 +59,7 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
         num_attention_heads=args.heads,
         intermediate_size=4 * args.hidden_size,
         qkv_bias=True,
+        initializer_range=args.init_std,
     )
     decoder = TrOCRConfig(
         vocab_size=len(tokenizer),
@@ -75,6 +76,7 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.eos_token_id,
+        init_std=args.init_std,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     torch.manual_seed(args.seed)
@@ -118,6 +120,7 @@ def main(argv=None):
     parser.add_argument("--decoder_layers", type=int, default=2, help="TrOCR decoder layers.")
     parser.add_argument("--heads", type=int, default=4, help="Attention heads in both.")
     parser.add_argument("--max_positions", type=int, default=128, help="Longest decoder sequence.")
+    parser.add_argument("--init_std", type=float, default=0.02, help="Std of the initial linear weights.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the initial weights.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="Size defaults; explicit flags still override.")
     preset = parser.parse_known_args(argv)[0].preset

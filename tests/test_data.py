@@ -3,10 +3,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from torch.utils.data import DataLoader
 
-from trocr_recipe.augment import AUGMENTATIONS, augment, resize_to_tensor, to_rgb
-from trocr_recipe.data import OcrCollator, encode_labels
+from trocr_recipe.augment import AUGMENTATIONS, augment, resize_to_tensor, to_gray_or_rgb, to_rgb
+from trocr_recipe.data import OcrCollator, encode_labels, normalize_on_device
 
 
 def test_labels_are_text_then_eos_without_bos(processor):
@@ -49,14 +50,14 @@ def _line(mode: str) -> Image.Image:
         sixteen = Image.fromarray(np.asarray(image, dtype=np.uint16) * 257)
         assert sixteen.mode == "I;16"
         return sixteen
-    if mode in ("LA", "RGBA"):
-        converted = image.convert(mode)
+    if mode in ("LA", "La", "RGBA"):
+        converted = image.convert("LA" if mode == "La" else mode)
         converted.putalpha(Image.fromarray(np.where(np.asarray(image) < 128, 255, 0).astype(np.uint8)))
-        return converted
+        return converted.convert(mode)
     return image.convert(mode)
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "CMYK"])
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "La", "P", "RGB", "RGBA", "I;16", "CMYK"])
 def test_every_mode_becomes_rgb_with_white_page_and_dark_ink(mode):
     rgb = np.asarray(to_rgb(_line(mode)))
     assert rgb.shape == (20, 60, 3) and rgb.dtype == np.uint8
@@ -96,3 +97,82 @@ def test_underline_draws_under_the_lowest_ink():
     out = np.asarray(AUGMENTATIONS["underline"](image, random.Random(0), (20, 40)))
     assert (out[10:13, 10:21] == 0).all()
     assert (out[13:, :] == 255).all() and (out[:, 21:] == 255).all()
+
+
+def _colour_line() -> Image.Image:
+    rgb = np.asarray(_line("RGB")).copy()
+    rgb[..., 0] = 255 - rgb[..., 0] // 2  # red ink: channels differ
+    return Image.fromarray(rgb)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "La", "P", "RGB", "RGBA", "I;16", "CMYK"])
+def test_grayscale_lines_stay_one_channel_colour_stays_rgb(mode):
+    image = _line(mode)
+    gray = to_gray_or_rgb(image)
+    assert gray.mode == "L"  # every one of these lines is gray, RGB ones included
+    assert np.array_equal(np.asarray(gray.convert("RGB")), np.asarray(to_rgb(image)))
+    assert to_gray_or_rgb(_colour_line()).mode == "RGB"
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_one_channel_path_gives_the_batch_of_the_rgb_path(name):
+    """A gray line augmented and resized as "L" and spread over three channels by the
+    collator gives, bit for bit, the batch of its RGB copy: every step works per channel."""
+    collator = OcrCollator(image_mean=[0.5, 0.4, 0.3], image_std=[0.5, 0.6, 0.7])
+    line, size = _line("L"), (32, 96)
+    rgb = resize_to_tensor(AUGMENTATIONS[name](to_rgb(line), random.Random(3), size), size)
+    gray = resize_to_tensor(AUGMENTATIONS[name](to_gray_or_rgb(line), random.Random(3), size), size)
+    assert gray.shape == (1, 32, 96) and rgb.shape == (3, 32, 96)
+    colour = resize_to_tensor(_colour_line().resize((96, 32)), size)
+    mixed = collator([{"pixel_values": gray, "labels": [1]}, {"pixel_values": colour, "labels": [1]}])
+    expected = collator([{"pixel_values": rgb, "labels": [1]}, {"pixel_values": colour, "labels": [1]}])
+    assert torch.equal(mixed["pixel_values"], expected["pixel_values"])
+    # The image processor's arithmetic, in float32, unchanged.
+    reference = (rgb.float() * (1 / 255) - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor(
+        [0.5, 0.6, 0.7]).view(3, 1, 1)
+    assert torch.equal(expected["pixel_values"][0], reference)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_dilate_and_erode_are_pil_max_and_min_filters(mode):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)).convert(mode)
+    for name, pil_filter in (("dilate", ImageFilter.MaxFilter(3)), ("erode", ImageFilter.MinFilter(3))):
+        out = AUGMENTATIONS[name](image, random.Random(0), (8, 8))
+        assert out.mode == mode and np.array_equal(np.asarray(out), np.asarray(image.filter(pil_filter)))
+
+
+class _Lines(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.images[index], "labels": [5, 2]}
+
+
+def test_worker_batches_cross_as_uint8_and_the_encoder_normalizes_them(tiny_model, processor):
+    """From a dataloader worker the batch stays uint8 (one channel for gray lines); the hook
+    on the model's encoder normalizes it as the collator does in the main process."""
+    from transformers import VisionEncoderDecoderModel
+
+    from trocr_recipe.modeling import set_special_tokens
+
+    size = (processor.image_processor.size["height"], processor.image_processor.size["width"])
+    images = [resize_to_tensor(to_gray_or_rgb(_line("L")), size) for _ in range(2)]
+    collator = OcrCollator.from_image_processor(processor.image_processor)
+    in_main = collator([{"pixel_values": image, "labels": [5, 2]} for image in images])
+    from_worker = next(iter(DataLoader(_Lines(images), batch_size=2, collate_fn=collator, num_workers=1)))
+    assert from_worker["pixel_values"].dtype == torch.uint8 and from_worker["pixel_values"].shape[1] == 1
+    assert torch.equal(collator.normalize(from_worker["pixel_values"]), in_main["pixel_values"])
+    assert torch.equal(from_worker["labels"], in_main["labels"])
+
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model).eval()
+    set_special_tokens(model, processor.tokenizer)
+    normalize_on_device(model, collator)
+    with torch.no_grad():
+        expected = model(**in_main).logits
+        assert torch.equal(model(**from_worker).logits, expected)
+        assert torch.equal(model.encoder(from_worker["pixel_values"]).last_hidden_state,
+                           model.encoder(in_main["pixel_values"]).last_hidden_state)

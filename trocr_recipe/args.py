@@ -1,11 +1,16 @@
 """Arguments of a run and the recipe parser: one JSON file gives the defaults, command-line
-flags override them, and an unknown key in either place stops the run naming it."""
+flags override them, and an unknown key or a value of the wrong type in either place stops
+the run naming it."""
 
 import dataclasses
 import json
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -26,6 +31,20 @@ class ModelArguments:
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where downloaded models and datasets are cached."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run Python code that a Hub checkpoint or processor ships for custom classes. Off, only "
+            "transformers' own classes load and a checkpoint that needs its own code stops the run."
+        },
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Also load weights from pytorch_model.bin (a pickle, read with torch.load(weights_only=True)); "
+            "by default only model.safetensors is read and a checkpoint without it stops the run."
+        },
     )
 
 
@@ -71,16 +90,135 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "Stop when validation CER has not improved for this many evaluations (paper: 20 epochs)."},
     )
+    # The data check (trocr_recipe/validate.py): what to do with each kind of bad line.
+    on_undecodable_image: Literal["error", "skip"] = field(
+        default="skip",
+        metadata={
+            "help": "A line whose image cannot be decoded (truncated file, not an image): skip it (counted, and "
+            "named in data_report.json) or stop the run (error)."
+        },
+    )
+    on_bad_image_size: Literal["error", "skip"] = field(
+        default="skip",
+        metadata={
+            "help": "A line whose image has a side of 0 pixels, a side above max_image_side or an aspect ratio above "
+            "max_aspect_ratio: skip or error."
+        },
+    )
+    on_empty_text: Literal["error", "skip", "keep"] = field(
+        default="skip",
+        metadata={"help": "A line whose text is empty or whitespace only: skip, error, or keep (learn to read nothing)."},
+    )
+    on_unknown_tokens: Literal["error", "skip", "keep"] = field(
+        default="keep",
+        metadata={
+            "help": "A line whose label holds the tokenizer's unknown token (characters its vocabulary lacks, which "
+            "the model can never write): keep (counted and named in data_report.json), skip or error."
+        },
+    )
+    on_label_too_long: Literal["error", "skip", "keep"] = field(
+        default="keep",
+        metadata={
+            "help": "A line whose label is longer than max_target_length: keep it truncated (counted as "
+            "<split>_truncated_labels and named in data_report.json), skip or error."
+        },
+    )
+    max_image_side: int = field(
+        default=20000, metadata={"help": "Longest image side in pixels; a larger image is a bad_image_size line."}
+    )
+    max_aspect_ratio: float = field(
+        default=100.0,
+        metadata={"help": "Largest long side / short side of an image; a flatter one is a bad_image_size line."},
+    )
+    max_bad_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Stop when more than this fraction of a split would be skipped: then the data or the settings "
+            "(image column, tokenizer, max_target_length) are wrong, not a few lines."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds a run, even one of another recipe: its checkpoints "
+            "and all_results.json are removed. Without it a run resumes there only with the same recipe."
+        },
+    )
+
+    def __post_init__(self):
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction}: a fraction between 0 and 1")
+        if self.max_image_side < 1 or self.max_aspect_ratio < 1:
+            raise ValueError(
+                f"max_image_side={self.max_image_side}, max_aspect_ratio={self.max_aspect_ratio}: both at least 1"
+            )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments)
 
 
-def _field_names(parser) -> set[str]:
-    return {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+class RecipeParser(HfArgumentParser):
+    def error(self, message):
+        # argparse would print the usage of every argument (hundreds of lines) first.
+        raise SystemExit(f"{self.prog}: {message} (--help lists every argument)")
 
 
-def load_recipe(path: str, known: set[str]) -> dict:
+def _field_types(parser) -> dict[str, object]:
+    """Argument name -> its type annotation, resolved."""
+    annotations = {}
+    for dtype in parser.dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        annotations.update({f.name: hints[f.name] for f in dataclasses.fields(dtype) if f.init})
+    return annotations
+
+
+def _accepts(annotation, value) -> bool:
+    """Whether a JSON value fits an argument's annotation. argparse converts only string
+    defaults, so a recipe's 2.5 for an int would reach the run as it is."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in args)
+    if origin is Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_accepts(args[0], item) for item in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):  # true and false are not numbers; 3 is a float
+        return isinstance(value, (int, annotation)) and not isinstance(value, bool)
+    if annotation in (str, Path):
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return value in [member.value for member in annotation]
+    return True  # a class no JSON value is (GenerationConfig, ...): its own checks apply
+
+
+def _describe(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in args))
+    if origin is Literal:
+        return " or ".join(json.dumps(arg) for arg in args)
+    if origin is list:
+        return f"a list, each item {_describe(args[0])}" if args else "a list"
+    if origin is dict or annotation is dict:
+        return "an object"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return " or ".join(json.dumps(member.value) for member in annotation)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, "a string" if annotation is Path else getattr(annotation, "__name__", str(annotation)))
+
+
+def _json_kind(value) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), "null")
+
+
+def load_recipe(path: str, annotations: dict[str, object]) -> dict:
     try:
         recipe = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -89,24 +227,36 @@ def load_recipe(path: str, known: set[str]) -> dict:
         raise SystemExit(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}): {error.msg}") from None
     if not isinstance(recipe, dict):
         raise SystemExit(f"{path}: a recipe is a JSON object of argument names to values")
-    unknown = sorted(set(recipe) - known)
+    unknown = sorted(set(recipe) - set(annotations))
     if unknown:
         raise SystemExit(f"{path}: unknown recipe key(s): {', '.join(unknown)}")
     if recipe.get("bf16") == "auto":
         # One recipe serves every machine: bf16 on GPUs that have it, float32 elsewhere.
         recipe["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    wrong = [
+        f'"{key}": {json.dumps(value)} is {_json_kind(value)}, expected {_describe(annotations[key])}'
+        for key, value in recipe.items()
+        if not _accepts(annotations[key], value)
+    ]
+    if wrong:
+        raise SystemExit(f"{path}: wrong type: " + "; ".join(wrong))
     return recipe
 
 
 def parse_recipe(argv: list[str] | None = None):
     """`RECIPE.json [--flag value ...]` or flags alone -> (model, data, training) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
+    parser = RecipeParser(ARGUMENT_CLASSES, allow_abbrev=False)
+    source = "arguments"
     if argv and argv[0].endswith(".json"):
-        parser.set_defaults(**load_recipe(argv.pop(0), _field_names(parser)))
-    model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
+        source = argv.pop(0)
+        parser.set_defaults(**load_recipe(source, _field_types(parser)))
+    try:
+        model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except ValueError as error:  # the arguments' own checks, e.g. an eval_strategy that does not exist
+        raise SystemExit(f"{source}: {error}") from None
     if remaining:
         flags = [item for item in remaining if item.startswith("-")] or remaining
         raise SystemExit(f"unknown argument(s): {' '.join(flags)}")

@@ -14,18 +14,41 @@ JSON, naming the folder's step:
 Incomplete folders are removed (on the process that saves): rotation by modification time
 could otherwise keep one over a good checkpoint, and a later save into the same name
 would mix its files with the stale ones.
+
+A run resumes only a run of the same recipe: `claim_output_dir` records the arguments in
+`<output_dir>/run_recipe.json` and, when the folder already holds a run, compares them with
+the recorded ones first.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
+from pathlib import Path
+
+from .outputs import RESULTS
 
 logger = logging.getLogger("trocr_recipe")
 
 TRAINER_MARKER = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+RUN_RECIPE = "run_recipe.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# What a resumed run must share with the run that wrote the folder: the model, the training
+# lines and what shapes an update. How long to train (max_steps, num_train_epochs) may
+# change, to extend a run, and so may evaluation, saving, logging and hardware.
+RESUME_KEYS = (
+    "model_name_or_path", "processor_name_or_path", "model_revision",
+    "dataset_name", "dataset_config_name", "image_column", "text_column", "train_split", "max_train_samples",
+    "max_target_length", "augment", "on_undecodable_image", "on_bad_image_size", "on_empty_text",
+    "on_unknown_tokens", "on_label_too_long", "max_image_side", "max_aspect_ratio",
+    "seed", "data_seed", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "label_smoothing_factor", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "train_sampling_strategy", "fp16", "bf16",
+)
 
 
 def checkpoint_step(path) -> int | None:
@@ -81,3 +104,48 @@ def find_checkpoint(training_args, marker: str = TRAINER_MARKER) -> str | None:
     if training_args.do_train:
         return last_complete_checkpoint(training_args.output_dir, marker, remove_incomplete=training_args.should_save)
     return None
+
+
+def run_arguments(model_args, data_args, training_args) -> dict:
+    """Every argument of the run, as JSON values (tokens masked by to_dict)."""
+    arguments = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}
+    return json.loads(json.dumps(arguments, default=str))
+
+
+def holds_run(output_dir: Path) -> bool:
+    return output_dir.is_dir() and (any(output_dir.glob("checkpoint-*")) or (output_dir / RESULTS).exists())
+
+
+def claim_output_dir(model_args, data_args, training_args) -> None:
+    """Stops when output_dir holds a run made with other values of RESUME_KEYS; with
+    overwrite_output_dir, removes that run's checkpoints and results instead, so that nothing
+    of it is resumed or merged. Then records this run's arguments in run_recipe.json."""
+    output_dir = Path(training_args.output_dir)
+    arguments = run_arguments(model_args, data_args, training_args)
+    with training_args.main_process_first(desc="output_dir check"):
+        if holds_run(output_dir) and data_args.overwrite_output_dir:
+            if training_args.should_save:
+                logger.warning("overwrite_output_dir: removing the checkpoints and results of the run in %s", output_dir)
+                for folder in output_dir.glob("checkpoint-*"):
+                    shutil.rmtree(folder, ignore_errors=True)
+                (output_dir / RESULTS).unlink(missing_ok=True)
+        elif holds_run(output_dir):
+            recorded_path = output_dir / RUN_RECIPE
+            if not recorded_path.exists():
+                logger.warning("%s holds a run without %s: it cannot be checked to be of this recipe", output_dir, RUN_RECIPE)
+            else:
+                recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+                changed = [
+                    f"{key} {json.dumps(recorded[key])} -> {json.dumps(arguments.get(key))}"
+                    for key in RESUME_KEYS
+                    if key in recorded and recorded[key] != arguments.get(key)
+                ]
+                if changed:
+                    raise SystemExit(
+                        f"{output_dir} holds a run of another recipe ({'; '.join(changed)}, see {recorded_path}): "
+                        "use another output_dir, or --overwrite_output_dir to start afresh there (its checkpoints "
+                        "and all_results.json are removed)"
+                    )
+        if training_args.should_save:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RUN_RECIPE).write_text(json.dumps(arguments, indent=2, sort_keys=True) + "\n", encoding="utf-8")

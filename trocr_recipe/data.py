@@ -1,5 +1,6 @@
 """Loading IAM-style datasets, the label map, the on-the-fly image transform, the collator."""
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from datasets import DatasetDict, load_dataset, load_from_disk
 
-from .augment import augment, resize_to_tensor, to_rgb
+from .augment import augment, resize_to_tensor, to_gray_or_rgb
 
 
 def load_splits(data_args, cache_dir: str | None = None) -> DatasetDict:
@@ -69,9 +70,10 @@ def line_ids(split, id_column: str | None) -> list[str]:
 
 
 class ImageTransform:
-    """Decodes, converts to RGB, augments (train only) and resizes on the fly, so pixel
-    arrays are never cached to disk. Uses the global `random` state, which the trainer
-    seeds in every dataloader worker."""
+    """Decodes, converts to "L" (grayscale lines) or "RGB", augments (train only) and
+    resizes on the fly, so pixel arrays are never cached to disk; uint8 out, one or three
+    channels. Uses the global `random` state, which the trainer seeds in every dataloader
+    worker."""
 
     def __init__(self, image_column: str, size: tuple[int, int], train: bool):
         self.image_column = image_column
@@ -81,7 +83,7 @@ class ImageTransform:
     def __call__(self, batch: dict) -> dict:
         pixels = []
         for image in batch[self.image_column]:
-            image = to_rgb(image)
+            image = to_gray_or_rgb(image)
             if self.train:
                 image = augment(image, self.size, random)
             pixels.append(resize_to_tensor(image, self.size))
@@ -105,10 +107,33 @@ def with_image_transforms(splits: DatasetDict, data_args, image_processor) -> Da
     )
 
 
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """The uint8 images as one batch, one channel if they all have one, else three; inside a
+    dataloader worker, in shared memory (as torch's default_collate does), so that handing
+    it to the main process does not copy it again."""
+    channels = max(image.shape[0] for image in images)
+    shape = (len(images), channels, *images[0].shape[1:])
+    out = None
+    if _in_worker():
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        out = torch.tensor([], dtype=torch.uint8).set_(storage, 0, shape)
+    return torch.stack([image.expand(channels, -1, -1) for image in images], out=out)
+
+
 @dataclass
 class OcrCollator:
-    """Normalizes uint8 images on the batch with the processor's rescale / mean / std and
-    pads labels with -100, so that padding is never part of the loss."""
+    """Pads labels with -100, so that padding is never part of the loss, and normalizes the
+    uint8 images with the processor's rescale / mean / std, a one-channel line spread over
+    the three channels.
+
+    Inside a dataloader worker the images stay uint8 (`normalize` is left to the model, see
+    `normalize_on_device`): a float batch is 4 times larger (12 for grayscale lines), and
+    moving it to the main process through shared memory, then to pinned memory and the GPU,
+    costs more than normalizing it there (bench_data.py)."""
 
     image_mean: list[float]
     image_std: list[float]
@@ -119,11 +144,39 @@ class OcrCollator:
         return cls(list(image_processor.image_mean), list(image_processor.image_std), image_processor.rescale_factor)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([feature["pixel_values"] for feature in features]).float() * self.rescale_factor
-        mean = torch.tensor(self.image_mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std).view(1, -1, 1, 1)
+        pixels = _stack([feature["pixel_values"] for feature in features])
         longest = max(len(feature["labels"]) for feature in features)
         labels = torch.full((len(features), longest), -100, dtype=torch.long)
         for row, feature in enumerate(features):
             labels[row, : len(feature["labels"])] = torch.as_tensor(feature["labels"])
-        return {"pixel_values": (pixels - mean) / std, "labels": labels}
+        return {"pixel_values": pixels if _in_worker() else self.normalize(pixels), "labels": labels}
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (batch, 1 or 3, height, width), on any device -> the model's float32 input
+        (batch, 3, height, width): (x * rescale - mean) / std, the image processor's
+        arithmetic. Float pixel values are taken as normalized already."""
+        if pixels.is_floating_point():
+            return pixels
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, -1, 1, 1)
+        return torch.sub(pixels * self.rescale_factor, mean).div_(std)
+
+
+def normalize_on_device(model, collator: OcrCollator):
+    """Makes the model's encoder normalize uint8 pixel values (batches from dataloader
+    workers) with `collator.normalize`, on its device and in its dtype, whatever calls it:
+    the training forward, `generate`, either loop. Returns the hook's handle."""
+
+    def normalize(encoder, args, kwargs):
+        def model_input(pixels):
+            if isinstance(pixels, torch.Tensor) and not pixels.is_floating_point():
+                return collator.normalize(pixels).to(encoder.dtype)
+            return pixels
+
+        if args:
+            args = (model_input(args[0]), *args[1:])
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = model_input(kwargs["pixel_values"])
+        return args, kwargs
+
+    return model.encoder.register_forward_pre_hook(normalize, with_kwargs=True)

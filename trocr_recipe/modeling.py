@@ -8,7 +8,11 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 
 def _source(model_args) -> dict:
-    return dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    return dict(
+        revision=model_args.model_revision,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
 
 
 def load_processor(model_args) -> TrOCRProcessor:
@@ -23,7 +27,20 @@ def load_processor(model_args) -> TrOCRProcessor:
 
 
 def load_model(model_args, tokenizer) -> VisionEncoderDecoderModel:
-    model = VisionEncoderDecoderModel.from_pretrained(model_args.model_name_or_path, **_source(model_args))
+    """Weights from model.safetensors only, unless allow_pickle_weights: a pickle can run code."""
+    try:
+        model = VisionEncoderDecoderModel.from_pretrained(
+            model_args.model_name_or_path,
+            use_safetensors=None if model_args.allow_pickle_weights else True,
+            **_source(model_args),
+        )
+    except OSError as error:
+        if model_args.allow_pickle_weights or "safetensors" not in str(error):
+            raise
+        raise SystemExit(
+            f"{model_args.model_name_or_path}: no model.safetensors ({error}). Only safetensors weights are loaded "
+            "by default; --allow_pickle_weights also loads pytorch_model.bin."
+        ) from None
     set_special_tokens(model, tokenizer)
     return model
 

@@ -89,8 +89,10 @@ def write_split_report(output_dir: str, split: str, ids, references, predictions
     )
 
 
-def log_scores(role: str, prefix: str, scores: dict, references, predictions, samples: int = 5) -> None:
-    logger.info("%s CER %.2f WER %.2f", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"])
+def log_scores(role: str, prefix: str, scores: dict, references, predictions, skipped: int = 0, samples: int = 5) -> None:
+    """The split's CER and WER, with the lines the data check skipped (never a silent loss)."""
+    note = f" ({skipped} lines skipped by the data check, named in data_report.json)" if skipped else ""
+    logger.info("%s CER %.2f WER %.2f%s", role, scores[f"{prefix}_cer"], scores[f"{prefix}_wer"], note)
     for reference, prediction in list(zip(references, predictions))[:samples]:
         logger.info("  reference:  %s\n  prediction: %s", reference, prediction)
 

@@ -1,8 +1,9 @@
 """Everything a run needs before its loop starts, the same for both loops: logging, model
-and processor with their special tokens, the splits with labels, the generation config,
-the on-the-fly image transforms and the collator."""
+and processor with their special tokens, the splits checked (trocr_recipe/validate.py) and
+with labels, the generation config, the on-the-fly image transforms and the collator."""
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -10,10 +11,16 @@ import datasets
 import transformers
 from datasets import DatasetDict
 
-from .data import OcrCollator, line_ids, load_splits, longest_label, tokenize_splits, with_image_transforms
+from .data import (
+    OcrCollator, line_ids, load_splits, longest_label, normalize_on_device, tokenize_splits, with_image_transforms,
+)
 from .modeling import configure_generation, load_model, load_processor
+from .validate import check_splits
 
 logger = logging.getLogger("trocr_recipe")
+
+# The prefix of each split's scores in all_results.json (eval_cer, test_cer).
+RESULT_PREFIX = {"train": "train", "validation": "eval", "test": "test"}
 
 
 @dataclass
@@ -24,7 +31,15 @@ class RunInputs:
     references: dict[str, list[str]]  # raw ground truth per split, what CER is scored on
     ids: dict[str, list[str]]
     truncated: dict[str, int]  # labels cut to max_target_length, per split
+    skipped: dict[str, int]  # lines the data check skipped, per split (named in data_report.json)
     collator: OcrCollator
+
+    def data_results(self) -> dict:
+        """What the data path changed, for all_results.json: truncated labels and skipped
+        lines per split, the latter next to the split's scores (test_skipped_lines)."""
+        results = {f"{role}_truncated_labels": count for role, count in self.truncated.items()}
+        results.update({f"{RESULT_PREFIX[role]}_skipped_lines": count for role, count in self.skipped.items()})
+        return results
 
 
 def setup_logging(training_args) -> None:
@@ -44,8 +59,11 @@ def setup_logging(training_args) -> None:
 def prepare_run(model_args, data_args, training_args) -> RunInputs:
     # Data before the model: a wrong column or split name stops the run in seconds.
     processor = load_processor(model_args)
-    with training_args.main_process_first(desc="dataset loading and label tokenization"):
-        splits = load_splits(data_args, model_args.cache_dir)
+    with training_args.main_process_first(desc="dataset loading, data check and label tokenization"):
+        splits = load_dataset_splits(data_args, model_args.cache_dir)
+        splits, skipped = check_splits(
+            splits, processor.tokenizer, data_args, training_args.output_dir, write_report=training_args.should_save
+        )
         truncated = tokenize_splits(splits, processor.tokenizer, data_args)
     for role, count in truncated.items():
         if count:
@@ -53,6 +71,8 @@ def prepare_run(model_args, data_args, training_args) -> RunInputs:
                 "%d %s labels longer than max_target_length=%d were truncated", count, role, data_args.max_target_length
             )
     model = load_model(model_args, processor.tokenizer)
+    collator = OcrCollator.from_image_processor(processor.image_processor)
+    normalize_on_device(model, collator)  # batches from dataloader workers arrive as uint8
     configure_generation(model, training_args, longest_label(splits))
     logger.info("Generation: %s", model.generation_config.to_diff_dict())
     return RunInputs(
@@ -62,5 +82,17 @@ def prepare_run(model_args, data_args, training_args) -> RunInputs:
         references={role: list(split[data_args.text_column]) for role, split in splits.items()},
         ids={role: line_ids(split, data_args.id_column) for role, split in splits.items()},
         truncated=truncated,
-        collator=OcrCollator.from_image_processor(processor.image_processor),
+        skipped=skipped,
+        collator=collator,
     )
+
+
+def load_dataset_splits(data_args, cache_dir: str | None) -> DatasetDict:
+    """load_splits, with a dataset that is neither a local folder nor on the Hub named as such
+    (datasets reports only the failed Hub lookup)."""
+    path = data_args.dataset_name
+    try:
+        return load_splits(data_args, cache_dir)
+    except (FileNotFoundError, ConnectionError) as error:  # DatasetNotFoundError is a FileNotFoundError
+        where = "" if os.path.exists(path) else f" no such local folder ({os.path.abspath(path)}), and as a Hub dataset:"
+        raise SystemExit(f"dataset_name {path}:{where} {error}") from None

@@ -1,0 +1,246 @@
+"""The data check: one pass over every split before training that finds the lines the data
+path would fail on or learn nothing from, names each one in `<output_dir>/data_report.json`,
+and skips, keeps or stops on them as the recipe's `on_<problem>` keys say.
+
+Images are read from their raw bytes (the dataset's Image column with decode=False), so a
+truncated PNG is one named line instead of a crash in a dataloader worker hours later.
+The pass runs in `preprocessing_num_workers` processes; its findings are cached next to
+the split's cache files (or in output_dir for an in-memory split) under a key made of the
+split's fingerprint, the tokenizer and the settings, so a second run does not decode every
+image again."""
+
+import io
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import DatasetDict
+from datasets import Image as ImageFeature
+from datasets import Value
+from datasets.fingerprint import Hasher
+from PIL import Image
+
+from .augment import to_rgb
+from .data import encode_labels, line_ids
+
+logger = logging.getLogger("trocr_recipe")
+
+REPORT = "data_report.json"
+PROBLEMS = ("undecodable_image", "bad_image_size", "empty_text", "unknown_tokens", "label_too_long")
+CACHE_VERSION = 1  # part of the cache key: raise it when a check changes
+EXAMPLES = 5  # line ids shown per table row and error message
+
+
+class BadDataError(SystemExit):
+    """The data check stops the run; `lines` names the lines that stop it, each a dict with
+    split, id, row, problem and detail (as in data_report.json)."""
+
+    def __init__(self, message: str, lines: list[dict]):
+        super().__init__(message)
+        self.lines = lines
+
+
+@dataclass
+class LineCheck:
+    """The problems of a batch of lines, as a `datasets.map` function: a list of problem
+    names and one of details per line."""
+
+    image_column: str
+    text_column: str
+    tokenizer: object
+    max_target_length: int
+    max_image_side: int
+    max_aspect_ratio: float
+
+    def __call__(self, batch: dict) -> dict:
+        raw_texts = batch[self.text_column]
+        texts = [text if isinstance(text, str) else "" for text in raw_texts]
+        labels, truncated = encode_labels(self.tokenizer, texts, self.max_target_length)
+        problems, details = [], []
+        for cell, raw, text, ids, cut in zip(batch[self.image_column], raw_texts, texts, labels, truncated):
+            found = [self.image_problem(cell)]
+            if not text.strip():
+                found.append(("empty_text", f"text {json.dumps(raw)}"))
+            elif self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
+                found.append(("unknown_tokens", f"no token for {self.unknown_characters(text)!r}"))
+            if cut:
+                found.append(("label_too_long", f"more than max_target_length={self.max_target_length} tokens"))
+            found = [problem for problem in found if problem]
+            problems.append([name for name, _ in found])
+            details.append([detail for _, detail in found])
+        return {"problems": problems, "details": details}
+
+    def image_problem(self, cell: dict | None) -> tuple[str, str] | None:
+        if not cell or not (cell.get("bytes") or cell.get("path")):
+            return "undecodable_image", "no image"
+        try:
+            with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
+                # The size is in the header: an absurd one is caught before decoding it.
+                size = self.size_problem(*image.size)
+                if size:
+                    return "bad_image_size", size
+                image.load()
+                to_rgb(image)  # the data path's first step: every mode it cannot convert is bad too
+        except Exception as error:  # whatever PIL raises on a broken file, the data path would raise as well
+            return "undecodable_image", f"{type(error).__name__}: {error}"
+        return None
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        if min(width, height) < 1:
+            return f"{width}x{height} pixels: an empty image"
+        if max(width, height) > self.max_image_side:
+            return f"{width}x{height} pixels: a side above max_image_side={self.max_image_side}"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return f"{width}x{height} pixels: an aspect ratio above max_aspect_ratio={self.max_aspect_ratio:g}"
+        return None
+
+    def unknown_characters(self, text: str) -> str:
+        """The characters the tokenizer maps to its unknown token."""
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        unknown = self.tokenizer.unk_token_id
+        spans = zip(encoding["input_ids"], encoding["offset_mapping"])
+        return "".join(dict.fromkeys(text[start:end] for token, (start, end) in spans if token == unknown))
+
+
+def check_columns(split, role: str, data_args) -> None:
+    """The image column must hold images and the text column strings: another column of
+    that name (a path, a label id) would fail deep inside the data path."""
+    features = split.features
+    if not isinstance(features[data_args.image_column], ImageFeature):
+        raise SystemExit(
+            f"{data_args.dataset_name}: column '{data_args.image_column}' of the {role} split holds "
+            f"{features[data_args.image_column]}, not images (image_column)"
+        )
+    text = features[data_args.text_column]
+    if not (isinstance(text, Value) and text.dtype in ("string", "large_string")):
+        raise SystemExit(
+            f"{data_args.dataset_name}: column '{data_args.text_column}' of the {role} split holds {text}, "
+            "not strings (text_column)"
+        )
+
+
+def find_problems(split, role: str, check: LineCheck, num_proc: int | None, fallback_dir: str) -> list[list]:
+    """[row, problem, detail] for every problem of the split, from the cache when this split
+    was checked with these settings before."""
+    folder = os.path.dirname(split.cache_files[0]["filename"]) if split.cache_files else fallback_dir
+    key = Hasher.hash([CACHE_VERSION, split._fingerprint, check])
+    cache = Path(folder) / f"data_check-{key}.json"
+    if cache.exists():
+        logger.info("Data check of %s: cached result %s", role, cache)
+        return json.loads(cache.read_text(encoding="utf-8"))
+    raw = split.cast_column(check.image_column, ImageFeature(decode=False))
+    checked = raw.map(
+        check, batched=True, num_proc=num_proc, remove_columns=raw.column_names, keep_in_memory=True,
+        desc=f"Checking {role} lines",
+    )
+    found = [
+        [row, problem, detail]
+        for row, (problems, details) in enumerate(zip(checked["problems"], checked["details"]))
+        for problem, detail in zip(problems, details)
+    ]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(found), encoding="utf-8")
+    except OSError as error:
+        logger.warning("Data check of %s not cached: %s", role, error)
+    return found
+
+
+def _examples(ids: list[str]) -> str:
+    more = f" (+{len(ids) - EXAMPLES} more)" if len(ids) > EXAMPLES else ""
+    return ", ".join(ids[:EXAMPLES]) + more
+
+
+def _grouped(lines: list[dict], *keys: str) -> dict[tuple, list[str]]:
+    """The line ids per value of `keys`, in order."""
+    groups = defaultdict(list)
+    for line in lines:
+        groups[tuple(line[key] for key in keys)].append(line["id"])
+    return groups
+
+
+def format_table(lines: list[dict], summary: dict) -> str:
+    rows = [("problem", "split", "lines", "action", "example ids")]
+    rows += [
+        (problem, split, str(len(ids)), action, _examples(ids))
+        for (problem, split, action), ids in _grouped(lines, "problem", "split", "action").items()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4] for row in rows]
+    totals = ", ".join(f"{role} {counts['skipped_lines']} of {counts['lines']}" for role, counts in summary.items())
+    return "\n".join(table + [f"lines skipped: {totals}"])
+
+
+def check_splits(splits: DatasetDict, tokenizer, data_args, output_dir: str, write_report: bool = True):
+    """Checks every split; returns the splits without their skipped lines and how many lines
+    each lost. Writes data_report.json (if `write_report`) and prints a table of the
+    problems. Raises BadDataError for a line whose problem is set to `error`, and when a
+    split would lose more than max_bad_fraction of its lines."""
+    check = LineCheck(
+        data_args.image_column, data_args.text_column, tokenizer, data_args.max_target_length,
+        data_args.max_image_side, data_args.max_aspect_ratio,
+    )
+    policies = {problem: getattr(data_args, f"on_{problem}") for problem in PROBLEMS}
+    lines, summary, skipped_rows = [], {}, {}
+    for role, split in splits.items():
+        check_columns(split, role, data_args)
+        by_row = defaultdict(list)
+        for row, problem, detail in find_problems(split, role, check, data_args.preprocessing_num_workers, output_dir):
+            by_row[row].append((problem, detail))
+        ids = line_ids(split, data_args.id_column) if by_row else []
+        skipped_rows[role] = set()
+        for row, found in sorted(by_row.items()):
+            actions = {policies[problem] for problem, _ in found}
+            action = "error" if "error" in actions else "skipped" if "skip" in actions else "kept"
+            if action == "skipped":
+                skipped_rows[role].add(row)
+            lines += [
+                {"split": role, "id": ids[row], "row": row, "problem": problem, "detail": detail, "action": action}
+                for problem, detail in found
+            ]
+        summary[role] = {
+            "lines": len(split),
+            "bad_lines": len(by_row),
+            "skipped_lines": len(skipped_rows[role]),
+            "problems": dict(Counter(problem for found in by_row.values() for problem, _ in found)),
+        }
+
+    report_path = os.path.join(output_dir, REPORT)
+    if write_report:
+        os.makedirs(output_dir, exist_ok=True)
+        settings = {f"on_{problem}": policy for problem, policy in policies.items()}
+        limits = ("max_target_length", "max_image_side", "max_aspect_ratio", "max_bad_fraction")
+        settings.update({key: getattr(data_args, key) for key in limits})
+        report = {"settings": settings, "splits": summary, "lines": lines}
+        Path(report_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if lines:
+        logger.warning("Data check: problems found (every line is named in %s)\n%s", report_path, format_table(lines, summary))
+    else:
+        logger.info("Data check: no problem in %s lines", " + ".join(str(counts["lines"]) for counts in summary.values()))
+
+    stopping = [line for line in lines if line["action"] == "error"]
+    if stopping:
+        named = "; ".join(
+            f"{problem} in {split} (on_{problem}=error): {_examples(ids)}"
+            for (problem, split), ids in _grouped(stopping, "problem", "split").items()
+        )
+        raise BadDataError(f"Data check: {named}. Every line is named in {report_path}.", stopping)
+    for role, counts in summary.items():
+        if counts["skipped_lines"] > data_args.max_bad_fraction * counts["lines"]:
+            bad = [line for line in lines if line["split"] == role and line["action"] == "skipped"]
+            ids = list(dict.fromkeys(line["id"] for line in bad))
+            raise BadDataError(
+                f"Data check: the {role} split would lose {counts['skipped_lines']} of its {counts['lines']} lines, "
+                f"more than max_bad_fraction={data_args.max_bad_fraction:g} ({_examples(ids)}): "
+                f"wrong data or settings rather than a few bad lines. Every line is named in {report_path}.",
+                bad,
+            )
+    kept = DatasetDict({
+        role: split.select(sorted(set(range(len(split))) - skipped_rows[role])) if skipped_rows[role] else split
+        for role, split in splits.items()
+    })
+    return kept, {role: len(rows) for role, rows in skipped_rows.items()}
+
