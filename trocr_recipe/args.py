@@ -233,6 +233,10 @@ def load_recipe(path: str, annotations: dict[str, object]) -> dict:
     if recipe.get("bf16") == "auto":
         # One recipe serves every machine: bf16 on GPUs that have it, float32 elsewhere.
         recipe["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if recipe.get("tf32") == "auto":
+        # TF32 float32 matmuls on GPUs that have them (Ampere and newer); elsewhere left unset
+        # (True would stop the run there).
+        recipe["tf32"] = True if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else None
     wrong = [
         f'"{key}": {json.dumps(value)} is {_json_kind(value)}, expected {_describe(annotations[key])}'
         for key, value in recipe.items()

@@ -99,10 +99,11 @@ def _downscale(image, rng, size):
 
 
 def _underline(image, rng, size):
-    ink = np.nonzero(np.asarray(image if image.mode == "L" else image.convert("L")) < 50)
-    if ink[0].size == 0:
+    ink = np.asarray(image if image.mode == "L" else image.convert("L")) < 50
+    rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
         return image
-    bottom, left, right = int(ink[0].max()), int(ink[1].min()), int(ink[1].max())
+    bottom, left, right = int(rows[-1]), int(columns[0]), int(columns[-1])
     image = image.copy()
     black = 0 if image.mode == "L" else (0, 0, 0)
     ImageDraw.Draw(image).rectangle((left, max(0, bottom - 2), right, bottom), fill=black)

@@ -157,9 +157,15 @@ class OcrCollator:
         arithmetic. Float pixel values are taken as normalized already."""
         if pixels.is_floating_point():
             return pixels
-        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std, device=pixels.device).view(1, -1, 1, 1)
-        return torch.sub(pixels * self.rescale_factor, mean).div_(std)
+        device, channels = pixels.device, len(self.image_mean)
+        mean = torch.tensor(self.image_mean, device=device).view(-1, 1, 1)
+        std = torch.tensor(self.image_std, device=device).view(-1, 1, 1)
+        out = torch.empty((len(pixels), channels, *pixels.shape[2:]), device=device)
+        scaled = torch.empty(pixels.shape[1:], device=device)
+        for row, image in enumerate(pixels):  # a line at a time, while it is in the cache
+            torch.mul(image, self.rescale_factor, out=scaled)
+            torch.sub(scaled, mean, out=out[row]).div_(std)
+        return out
 
 
 def normalize_on_device(model, collator: OcrCollator):

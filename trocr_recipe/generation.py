@@ -29,52 +29,66 @@ def _cross_attentions(model) -> list[TrOCRAttention] | None:
     return modules if modules and all(isinstance(module, TrOCRAttention) for module in modules) else None
 
 
-def _attend_per_line(attention: TrOCRAttention, keys, values, hidden_states, *args, **kwargs):
-    """TrOCRAttention.forward as cross-attention, the rows of a line (line-major, as
-    generate orders them: line x beams + beam) attending together to the line's keys and
-    values (lines, heads, positions, head_dim). The same arithmetic: scaled query, one
-    product with the keys, softmax, one product with the values, output projection."""
-    rows, length, width = hidden_states.shape
-    lines = keys.shape[0]
-    query = attention.q_proj(hidden_states) * attention.scaling
-    query = query.view(lines, rows // lines * length, attention.num_heads, attention.head_dim).transpose(1, 2)
-    weights = torch.nn.functional.softmax(query @ keys.transpose(-1, -2), dim=-1)
-    weights = torch.nn.functional.dropout(weights, p=attention.dropout, training=attention.training)
-    output = (weights @ values).transpose(1, 2).reshape(rows, length, width)
-    return attention.out_proj(output), None
+class _PerLine:
+    """What the beams of each line share, for one generate call: the encoder output
+    projected to the decoder's width, and each cross-attention layer's keys and values
+    (lines, heads, positions, head_dim). Computed at the first decoding step, inside the
+    model's forward as the stock path computes them (under its autocast, if any), then
+    reused at every step."""
+
+    def __init__(self, model, states: torch.Tensor):
+        self.model, self.states, self.keys_values = model, states, {}
+        config = model.config
+        self.project = (
+            config.encoder.hidden_size != config.decoder.hidden_size
+            and getattr(config.decoder, "cross_attention_hidden_size", None) is None
+        )
+
+    def attend(self, attention: TrOCRAttention, hidden_states, *args, **kwargs):
+        """TrOCRAttention.forward as cross-attention, the rows of a line (line-major, as
+        generate orders them: line x beams + beam) attending together to the line's keys
+        and values. The same arithmetic: scaled query, one product with the keys, softmax,
+        one product with the values, output projection."""
+        if attention not in self.keys_values:
+            if self.project:  # as VisionEncoderDecoderModel.forward, once
+                self.states, self.project = self.model.enc_to_dec_proj(self.states), False
+            lines = len(self.states)
+            self.keys_values[attention] = [
+                module(self.states).view(lines, -1, attention.num_heads, attention.head_dim).transpose(1, 2).contiguous()
+                for module in (attention.k_proj, attention.v_proj)
+            ]
+        keys, values = self.keys_values[attention]
+        rows, length, width = hidden_states.shape
+        query = attention.q_proj(hidden_states) * attention.scaling
+        query = query.view(len(keys), rows // len(keys) * length, attention.num_heads, attention.head_dim).transpose(1, 2)
+        weights = torch.nn.functional.softmax(query @ keys.transpose(-1, -2), dim=-1)
+        weights = torch.nn.functional.dropout(weights, p=attention.dropout, training=attention.training)
+        output = (weights @ values).transpose(1, 2).reshape(rows, length, width)
+        return attention.out_proj(output), None
 
 
 def generate(model, pixel_values: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
     """`model.generate(pixel_values=pixel_values, **generate_kwargs)`: the same sequences,
-    computed as the module docstring says (the stock path for a decoder other than TrOCR's
-    or when attentions are asked for)."""
+    computed as the module docstring says (the stock path for a decoder other than TrOCR's,
+    or when attentions or hidden states are asked for)."""
     attentions = _cross_attentions(model)
-    if attentions is None or generate_kwargs.get("output_attentions") or model.generation_config.output_attentions:
+    config = model.generation_config
+    outputs = ("output_attentions", "output_hidden_states")
+    if attentions is None or any(generate_kwargs.get(name, getattr(config, name)) for name in outputs):
         return model.generate(pixel_values=pixel_values, **generate_kwargs)
-    with torch.no_grad():
+    with torch.no_grad():  # the encoder runs outside the model's forward, as in generate
         states = model.encoder(pixel_values=pixel_values).last_hidden_state
-        if (
-            model.config.encoder.hidden_size != model.config.decoder.hidden_size
-            and getattr(model.config.decoder, "cross_attention_hidden_size", None) is None
-        ):
-            states = model.enc_to_dec_proj(states)  # as VisionEncoderDecoderModel.forward, once
-        lines = len(states)
-
-        def heads(module, attention):
-            return module(states).view(lines, -1, attention.num_heads, attention.head_dim).transpose(1, 2).contiguous()
-
-        for attention in attentions:
-            attention.forward = partial(
-                _attend_per_line, attention, heads(attention.k_proj, attention), heads(attention.v_proj, attention)
-            )
+    shared = _PerLine(model, states)
     try:
+        for attention in attentions:
+            attention.forward = partial(shared.attend, attention)
         # generate only needs the decoder now: the encoder output it carries (expanded to
         # the beams, projected at every step) is a placeholder of one position.
-        placeholder = states.new_zeros(lines, 1, model.config.encoder.hidden_size)
+        placeholder = states.new_zeros(len(states), 1, model.config.encoder.hidden_size)
         return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=placeholder), **generate_kwargs)
     finally:
         for attention in attentions:
-            del attention.forward  # back to TrOCRAttention.forward
+            vars(attention).pop("forward", None)  # back to TrOCRAttention.forward
 
 
 @contextlib.contextmanager

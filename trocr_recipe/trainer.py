@@ -50,6 +50,10 @@ class OcrTrainer(Seq2SeqTrainer):
 
     Evaluation across processes: every line is scored once (see evaluation_loop).
 
+    Speed, the same results: generation computes what the beams of a line share once per
+    line (see prediction_step), and the per-step FLOP count does not walk the model's
+    modules (see floating_point_ops).
+
     Checkpoints: resume and best-model loading go through `from_pretrained` for plain
     (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines.
     `trainer_state.json` is the last file of a checkpoint on every process (it marks it

@@ -1,0 +1,46 @@
+"""trocr_recipe.generation.generate gives the sequences of model.generate, one line at a
+time or batched, greedy or beam search, with and without the encoder-to-decoder projection."""
+
+import pytest
+import torch
+from transformers import TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+from trocr_recipe.generation import generate, generating_per_line
+
+
+def _model(encoder_width: int) -> VisionEncoderDecoderModel:
+    encoder = ViTConfig(image_size=32, patch_size=8, hidden_size=encoder_width, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=2 * encoder_width)
+    decoder = TrOCRConfig(vocab_size=40, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                          max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                          decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    for config in (model.config, model.generation_config):
+        config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = 2, 2, 1
+    return model.eval()
+
+
+@pytest.mark.parametrize("encoder_width", [32, 24])  # 24: enc_to_dec_proj, as TrOCR-small and -base
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_same_sequences_as_model_generate(encoder_width, num_beams):
+    model = _model(encoder_width)
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(num_beams=num_beams, max_length=12, early_stopping=num_beams > 1)
+    with torch.no_grad():
+        one_at_a_time = [model.generate(pixel_values=pixels[i:i + 1], **kwargs)[0] for i in range(len(pixels))]
+        batched = generate(model, pixels, **kwargs)
+    assert [row.tolist() for row in batched] == [row.tolist() for row in one_at_a_time]
+    # The decoder's attention modules are back to TrOCR's own afterwards.
+    assert all("forward" not in vars(layer.encoder_attn) for layer in model.decoder.model.decoder.layers)
+
+
+def test_routed_model_generate_is_restored():
+    model = _model(24)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model.generate(pixel_values=pixels, num_beams=2, max_length=8)
+        with generating_per_line(model):
+            routed = model.generate(pixel_values=pixels, num_beams=2, max_length=8)
+    assert torch.equal(routed, expected)
+    assert "generate" not in vars(model)
