@@ -23,8 +23,11 @@ def _model(encoder_width: int) -> VisionEncoderDecoderModel:
 
 @pytest.mark.parametrize("encoder_width", [32, 24])  # 24: enc_to_dec_proj, as TrOCR-small and -base
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_same_sequences_as_model_generate(encoder_width, num_beams):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_same_sequences_as_model_generate(encoder_width, num_beams, bf16):
     model = _model(encoder_width)
+    if bf16:  # mixed precision as accelerate sets it up: the model's forward under autocast
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     kwargs = dict(num_beams=num_beams, max_length=12, early_stopping=num_beams > 1)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Image side of the data path: any PIL mode to one 8-bit image, the paper's seven-way
-augmentation, bicubic resize, kept as uint8 until the collator normalizes on the batch.
+augmentation, bicubic resize, kept as uint8 until the batch is normalized (by the
+collator, or on the model's device for batches from dataloader workers: see data.py).
 
 Grayscale lines (IAM's are) stay one channel ("L") through augmentation and resize, and
 the collator spreads them over the model's three channels: every step works on each
@@ -16,7 +17,7 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _flatten(image: Image.Image) -> Image.Image:
-    """"L" for grayscale modes, "RGB" for the rest; transparency composited over white."""
+    """To "L" for grayscale modes, "RGB" for the rest; transparency composited over white."""
     if image.mode in SIXTEEN_BIT:
         # PIL's own convert("L") clips 16-bit values instead of scaling them: a white
         # 16-bit page would come out all white or all black.

@@ -8,10 +8,11 @@ gathers the cross-attention keys and values by beam index, although they are the
 for every beam of a line. At a batch of 32 lines, 4 beams, that gather alone copies
 hundreds of MB per step, so that batching made evaluation slower, not faster.
 
-`generate` gives the same sequences with the encoder, its projection and each layer's
-cross-attention keys and values computed once per line, and the beams of a line attending
-to them together (their queries side by side: one matrix product per line, not one per
-beam). Nothing is reordered but the self-attention cache.
+`generate` gives the same sequences with the projection of the encoder output and each
+layer's cross-attention keys and values computed once per line, and the beams of a line
+attending to them together (their queries side by side: one matrix product per line, not
+one per beam). Nothing is reordered but the self-attention cache. Both loops evaluate
+through it (OcrTrainer.prediction_step, run_trocr_no_trainer.generate_predictions).
 """
 
 import contextlib
@@ -52,15 +53,15 @@ class _PerLine:
         if attention not in self.keys_values:
             if self.project:  # as VisionEncoderDecoderModel.forward, once
                 self.states, self.project = self.model.enc_to_dec_proj(self.states), False
-            lines = len(self.states)
+            shape = (len(self.states), -1, attention.num_heads, attention.head_dim)
             self.keys_values[attention] = [
-                module(self.states).view(lines, -1, attention.num_heads, attention.head_dim).transpose(1, 2).contiguous()
+                module(self.states).view(shape).transpose(1, 2).contiguous()
                 for module in (attention.k_proj, attention.v_proj)
             ]
         keys, values = self.keys_values[attention]
         rows, length, width = hidden_states.shape
         query = attention.q_proj(hidden_states) * attention.scaling
-        query = query.view(len(keys), rows // len(keys) * length, attention.num_heads, attention.head_dim).transpose(1, 2)
+        query = query.view(len(keys), -1, attention.num_heads, attention.head_dim).transpose(1, 2)
         weights = torch.nn.functional.softmax(query @ keys.transpose(-1, -2), dim=-1)
         weights = torch.nn.functional.dropout(weights, p=attention.dropout, training=attention.training)
         output = (weights @ values).transpose(1, 2).reshape(rows, length, width)
