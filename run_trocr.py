@@ -9,14 +9,12 @@ The recipe JSON gives the defaults, flags override them; `--help` lists every ar
 
 import logging
 
-from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.checkpoints import claim_output_dir, find_checkpoint
-from trocr_recipe.checks import run_preflight
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, log_scores, update_results, write_model_card, write_split_report, write_training_curves
-from trocr_recipe.pipeline import prepare_run, setup_logging
+from trocr_recipe.pipeline import setup_logging, start_run
 from trocr_recipe.trainer import OcrTrainer, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
@@ -54,22 +52,14 @@ def main(argv=None):
     setup_logging(training_args)
     logger.info("Training arguments %s", training_args)
 
-    # 2. Resume from the last checkpoint in output_dir, if any: only a run of the same recipe.
-    claim_output_dir(model_args, data_args, training_args)
-    checkpoint = find_checkpoint(training_args)
-    if checkpoint:
-        logger.info("Resuming from %s", checkpoint)
-    set_seed(training_args.seed)
-
-    # 3. Model, processor and data: special tokens on config and generation_config, labels
-    #    tokenized once (text + </s>), images transformed on the fly, generation sized to the data.
-    run = prepare_run(model_args, data_args, training_args)
-    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
-
-    # 4. Preflight: the known pitfalls, checked before any compute is spent on them.
-    report = run_preflight(run, model_args, data_args, training_args)
+    # 2. Resume from the last complete checkpoint in output_dir, if any (only a run of the
+    #    same recipe); model, processor and data: special tokens on config and
+    #    generation_config, labels tokenized once (text + </s>), images transformed on the fly,
+    #    generation sized to the data; then the preflight checks for the known pitfalls.
+    run, checkpoint, report = start_run(model_args, data_args, training_args)
     if report is not None:
         return report
+    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
 
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
     metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])
@@ -87,13 +77,13 @@ def main(argv=None):
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
     results = run.data_results()  # truncated labels and skipped lines per split
 
-    # 5. Baseline: the starting model on validation, before any update.
+    # 3. Baseline: the starting model on validation, before any update.
     if training_args.do_eval:
         baseline, _ = evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")
         results.update(baseline)
         logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])
 
-    # 6. Train; never keep a model worse than the starting one.
+    # 4. Train; never keep a model worse than the starting one.
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         results.update(train_result.metrics)
@@ -111,7 +101,7 @@ def main(argv=None):
             eval_rows += [row for row in trainer.state.log_history if "eval_cer" in row]
             write_training_curves(training_args.output_dir, eval_rows)
 
-    # 7. Final scores: validation and test, generate-based, with predictions files.
+    # 5. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
         if not enabled:
             continue
@@ -122,7 +112,7 @@ def main(argv=None):
             write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
         log_scores(role, prefix, scores, references[role], predictions, run.skipped[role])
 
-    # 8. Results, model card, processor and generation config beside the model; the Hub.
+    # 6. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():
         results = update_results(training_args.output_dir, results)
         write_model_card(training_args.output_dir, model_args, data_args, results)

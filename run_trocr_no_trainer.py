@@ -37,8 +37,6 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import align_special_tokens, enable_full_determinism, rotate_checkpoints, seed_worker
 
 from trocr_recipe.args import parse_recipe
-from trocr_recipe.checkpoints import claim_output_dir, find_checkpoint
-from trocr_recipe.checks import run_preflight
 from trocr_recipe.generation import generate
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
@@ -51,7 +49,7 @@ from trocr_recipe.outputs import (
     write_split_report,
     write_training_curves,
 )
-from trocr_recipe.pipeline import prepare_run, setup_logging
+from trocr_recipe.pipeline import setup_logging, start_run
 from trocr_recipe.trainer import load_checkpoint_weights, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
@@ -290,7 +288,6 @@ def train(accelerator, training_args, data_args, model, optimizer, processor, lo
              "patience_counter": 0}
     epochs_trained = steps_trained_in_epoch = 0
     if checkpoint:
-        logger.info("Resuming from %s", checkpoint)
         accelerator.load_state(checkpoint)
         state.update(json.loads(Path(checkpoint, LOOP_STATE).read_text(encoding="utf-8")))
         scheduler.load_state_dict(state["scheduler"])
@@ -484,20 +481,12 @@ def main(argv=None):
     setup_logging(training_args)
     logger.info("Training arguments %s", training_args)
 
-    # 2. Resume from the last complete checkpoint in output_dir, if any: only a run of the same recipe.
-    claim_output_dir(model_args, data_args, training_args)
-    checkpoint = find_checkpoint(training_args, COMPLETE)
+    # 2. Resume, model, processor, data and preflight, exactly as run_trocr.py starts.
     seed = enable_full_determinism if training_args.full_determinism else set_seed
-    seed(training_args.seed)
-
-    # 3. Model, processor and data, exactly as run_trocr.py prepares them; the same preflight.
-    run = prepare_run(model_args, data_args, training_args)
-    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
-
-    # Preflight: the known pitfalls, checked before any compute is spent on them (as run_trocr.py).
-    report = run_preflight(run, model_args, data_args, training_args)
+    run, checkpoint, report = start_run(model_args, data_args, training_args, COMPLETE, seed)
     if report is not None:
         return report
+    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
     # Trainer: seeds again in its __init__, after the model is loaded and before anything
     # draws from the random generators, and sets `use_cache` from the arguments.
     seed(training_args.seed)
@@ -505,7 +494,7 @@ def main(argv=None):
         model.generation_config = Seq2SeqTrainer.load_generation_config(training_args.generation_config)
     model.config.use_cache = training_args.use_cache
 
-    # 4. Accelerator: mixed precision, data loader sharding and seeding, TensorBoard.
+    # 3. Accelerator: mixed precision, data loader sharding and seeding, TensorBoard.
     accelerator_config = training_args.accelerator_config.to_dict()
     dataloader_config = DataLoaderConfiguration(
         split_batches=accelerator_config["split_batches"],
@@ -549,14 +538,14 @@ def main(argv=None):
     results = run.data_results()  # truncated labels and skipped lines per split
     tokenizer = processor.tokenizer
 
-    # 5. Baseline: the starting model on validation, before any update.
+    # 4. Baseline: the starting model on validation, before any update.
     if training_args.do_eval:
         baseline, _ = score(accelerator, model, loaders["validation"], tokenizer, training_args,
                             references["validation"], "baseline")
         results.update(baseline)
         logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])
 
-    # 6. Train; never keep a model worse than the starting one.
+    # 5. Train; never keep a model worse than the starting one.
     if training_args.do_train:
         # Trainer.train: the tokenizer's special tokens onto config and generation config.
         align_special_tokens(accelerator.unwrap_model(model), processor)
@@ -586,7 +575,7 @@ def main(argv=None):
             eval_rows = [{"step": 0, "eval_cer": results["baseline_cer"]}] if "baseline_cer" in results else []
             write_training_curves(training_args.output_dir, eval_rows + StepLog(training_args.output_dir, EVAL_LOG).read())
 
-    # 7. Final scores: validation and test, generate-based, with predictions files.
+    # 6. Final scores: validation and test, generate-based, with predictions files.
     for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
         if not enabled:
             continue
@@ -597,7 +586,7 @@ def main(argv=None):
             write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
         log_scores(role, prefix, scores, references[role], predictions, run.skipped[role])
 
-    # 8. Results and model card; the Hub.
+    # 7. Results and model card; the Hub.
     if accelerator.is_main_process:
         results = update_results(training_args.output_dir, results)
         write_model_card(training_args.output_dir, model_args, data_args, results)

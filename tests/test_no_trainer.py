@@ -18,6 +18,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 import run_trocr
 import run_trocr_no_trainer
 import trocr_recipe.data
+import trocr_recipe.pipeline
 from conftest import ROOT
 from trocr_recipe.outputs import read_jsonl
 
@@ -169,7 +170,7 @@ def test_a_loop_that_keeps_bos_departs_at_step_1(runs, tiny_args, tmp_path, monk
     """Pitfalls 1 and 2 together (decoder starting from <s>, <s> kept in the labels): the
     comparison with the reference sees it at the first step."""
     reference, _ = runs("ga1-recipe")
-    encode_labels, prepare_run = trocr_recipe.data.encode_labels, run_trocr_no_trainer.prepare_run
+    encode_labels, prepare_run = trocr_recipe.data.encode_labels, trocr_recipe.pipeline.prepare_run
 
     def labels_with_bos(tokenizer, texts, max_target_length):
         labels, truncated = encode_labels(tokenizer, texts, max_target_length)
@@ -182,9 +183,9 @@ def test_a_loop_that_keeps_bos_departs_at_step_1(runs, tiny_args, tmp_path, monk
         return run
 
     monkeypatch.setattr(trocr_recipe.data, "encode_labels", labels_with_bos)
-    monkeypatch.setattr(run_trocr_no_trainer, "prepare_run", start_from_bos)
+    monkeypatch.setattr(trocr_recipe.pipeline, "prepare_run", start_from_bos)
     # A loop of one's own has no preflight: these are exactly the mistakes it would stop.
-    monkeypatch.setattr(run_trocr_no_trainer, "run_preflight", lambda *args, **kwargs: None)
+    monkeypatch.setattr(trocr_recipe.pipeline, "run_preflight", lambda *args, **kwargs: None)
     datasets.disable_caching()  # the label map must run again, not come from the cache
     try:
         run_trocr_no_trainer.main(tiny_args + PARITY_FLAGS + CASES["ga1-recipe"] + [

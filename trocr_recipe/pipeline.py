@@ -11,6 +11,8 @@ import datasets
 import transformers
 from datasets import DatasetDict
 
+from .checkpoints import TRAINER_MARKER, claim_output_dir, find_checkpoint
+from .checks import run_preflight
 from .data import (
     OcrCollator, line_ids, load_splits, longest_label, normalize_on_device, tokenize_splits, with_image_transforms,
 )
@@ -96,3 +98,17 @@ def load_dataset_splits(data_args, cache_dir: str | None) -> DatasetDict:
     except (FileNotFoundError, ConnectionError) as error:  # DatasetNotFoundError is a FileNotFoundError
         where = "" if os.path.exists(path) else f" no such local folder ({os.path.abspath(path)}), and as a Hub dataset:"
         raise SystemExit(f"dataset_name {path}:{where} {error}") from None
+
+
+def start_run(model_args, data_args, training_args, marker: str = TRAINER_MARKER, seed=transformers.set_seed):
+    """Both loops' start, in this order: output_dir claimed (only a run of the same recipe
+    resumes), the checkpoint to resume from (complete ones only: `marker` is written last),
+    seeded, model and data prepared, the preflight checks run. Returns the run, the
+    checkpoint, and the preflight report when only the preflight was asked for."""
+    claim_output_dir(model_args, data_args, training_args)
+    checkpoint = find_checkpoint(training_args, marker)
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+    seed(training_args.seed)
+    run = prepare_run(model_args, data_args, training_args)
+    return run, checkpoint, run_preflight(run, model_args, data_args, training_args)
