@@ -13,7 +13,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from trocr_recipe.args import parse_recipe
 from trocr_recipe.metrics import GeneratedTextMetrics
-from trocr_recipe.outputs import LossLog, log_scores, update_results, write_model_card, write_split_report, write_training_curves
+from trocr_recipe.outputs import LossLog, finish_run, log_scores, write_split_report, write_training_curves
 from trocr_recipe.pipeline import setup_logging, start_run
 from trocr_recipe.trainer import OcrTrainer, restore_starting_model
 
@@ -114,11 +114,7 @@ def main(argv=None):
 
     # 6. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():
-        results = update_results(training_args.output_dir, results)
-        write_model_card(training_args.output_dir, model_args, data_args, results)
-        shown = ("baseline_cer", "eval_cer", "eval_skipped_lines", "test_cer", "test_skipped_lines")
-        summary = {key: results[key] for key in shown if key in results}
-        logger.info("Results: %s", summary)
+        results = finish_run(training_args.output_dir, model_args, data_args, results)
     if training_args.push_to_hub:
         # The output folder but its checkpoint-* folders: model, processor, generation config,
         # the model card above, results, predictions and TensorBoard logs (runs/).

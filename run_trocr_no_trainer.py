@@ -43,9 +43,8 @@ from trocr_recipe.modeling import token_loss
 from trocr_recipe.outputs import (
     LossLog,
     StepLog,
+    finish_run,
     log_scores,
-    update_results,
-    write_model_card,
     write_split_report,
     write_training_curves,
 )
@@ -588,11 +587,7 @@ def main(argv=None):
 
     # 7. Results and model card; the Hub.
     if accelerator.is_main_process:
-        results = update_results(training_args.output_dir, results)
-        write_model_card(training_args.output_dir, model_args, data_args, results)
-        shown = ("baseline_cer", "eval_cer", "eval_skipped_lines", "test_cer", "test_skipped_lines")
-        summary = {key: results[key] for key in shown if key in results}
-        logger.info("Results: %s", summary)
+        results = finish_run(training_args.output_dir, model_args, data_args, results)
         if training_args.push_to_hub:
             push_to_hub(training_args)
     accelerator.wait_for_everyone()

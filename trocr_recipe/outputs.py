@@ -112,6 +112,16 @@ def update_results(output_dir: str, results: dict) -> dict:
     return merged
 
 
+def finish_run(output_dir: str, model_args, data_args, results: dict) -> dict:
+    """The end of a run, main process only: all_results.json merged, the model card, and
+    the headline figures logged."""
+    results = update_results(output_dir, results)
+    write_model_card(output_dir, model_args, data_args, results)
+    shown = ("baseline_cer", "eval_cer", "eval_skipped_lines", "test_cer", "test_skipped_lines")
+    logger.info("Results: %s", {key: results[key] for key in shown if key in results})
+    return results
+
+
 def hub_id(name: str | None) -> str | None:
     """`name` if it can be a Hub repo id, None for a local path (the Hub rejects a card whose
     `base_model` or `datasets` is not one)."""
