@@ -22,7 +22,10 @@ data/synthetic/dataset_dict.json: data_scripts/make_synthetic.py | setup
 models/demo/config.json: data/synthetic/dataset_dict.json data_scripts/make_tiny_model.py
 	$(BIN)/python data_scripts/make_tiny_model.py --dataset data/synthetic --output_dir models/demo --preset demo
 
+# A run of an older demo model would resume with the old weights: start afresh instead.
 demo: models/demo/config.json
+	@if [ -d runs/demo ] && [ models/demo/config.json -nt runs/demo ]; then \
+		echo "models/demo is newer than runs/demo: removing the old run"; rm -rf runs/demo; fi
 	$(BIN)/python run_trocr.py recipes/demo.json
 
 data/tiny/dataset_dict.json: data_scripts/make_synthetic.py | setup

@@ -69,12 +69,8 @@ def render_line(text: str, font_path: Path | None, rng: random.Random, canvas: t
     (`canvas`, as IAM's lines are all about a page wide, so that the model's resize scales
     every line alike). None when the text does not fit the strip."""
     size = rng.randint(20, 30) if canvas is None else rng.randint(canvas[1] * 5 // 16, canvas[1] * 15 // 32)
-    import os
-    if os.environ.get("EASY"): size = rng.randint(24, 26)
     font = ImageFont.load_default(size) if font_path is None else ImageFont.truetype(str(font_path), size)
     stroke = rng.choice((0, 0, 1))
-    import os
-    if os.environ.get("EASY"): stroke = 0
     spacing = size * rng.uniform(0.25, 0.45)
     words = text.split(" ")
     widths = [font.getlength(word) + 2 * stroke for word in words]
@@ -90,7 +86,7 @@ def render_line(text: str, font_path: Path | None, rng: random.Random, canvas: t
     for word, word_width in zip(words, widths):
         draw.text((x, baseline + rng.uniform(-2, 2)), word, font=font, fill=ink, stroke_width=stroke, stroke_fill=ink)
         x += word_width + spacing
-    slant = rng.uniform(-0.3, 0.3) * (0 if os.environ.get("EASY") else 1)
+    slant = rng.uniform(-0.3, 0.3)
     page = page.transform(
         (width, height), PILImage.AFFINE, (1, slant, -slant * height / 2, 0, 1, 0), PILImage.BILINEAR, fillcolor=255
     )

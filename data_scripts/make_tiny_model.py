@@ -95,28 +95,6 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
     return model
 
 
-def whiten_patches(model, images, image_processor, samples: int = 20000, seed: int = 0) -> None:
-    """Start the patch projection as a whitening of the training lines' patches (their
-    principal components, scaled to unit variance): every patch embedding then describes its
-    ink from the first step, so the decoder can tell patches apart and learn where to look
-    before the encoder has learnt anything. (Whitened first layers are a known accelerator
-    of training from scratch.)"""
-    projection = model.encoder.embeddings.patch_embeddings.projection
-    out_channels, channels, ph, pw = projection.weight.shape
-    pixels = image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt").pixel_values
-    patches = pixels.unfold(2, ph, ph).unfold(3, pw, pw)  # batch, channels, rows, columns, ph, pw
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * ph * pw).double()
-    generator = torch.Generator().manual_seed(seed)
-    patches = patches[torch.randperm(len(patches), generator=generator)[:samples]]
-    mean = patches.mean(0)
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
-    top = eigenvalues.argsort(descending=True)[:out_channels]
-    weight = eigenvectors[:, top].T / (eigenvalues[top].clamp(min=1e-6 * eigenvalues.max()) + 1e-3).sqrt()[:, None]
-    with torch.no_grad():
-        projection.weight.copy_(weight.reshape(projection.weight.shape))
-        projection.bias.copy_(-(weight @ mean))
-
-
 def sinusoids(length: int, dim: int) -> torch.Tensor:
     position = torch.arange(length, dtype=torch.float32)[:, None]
     frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
