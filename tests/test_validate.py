@@ -1,5 +1,5 @@
 """The data check (trocr_recipe/validate.py): bad lines skipped, counted and named, or the
-run stopped naming them; 16-bit images pass; results cached. And the recipe errors caught
+run stopped naming them; 16-bit images pass, named as converted; results cached. And the recipe errors caught
 before any model is loaded: a wrong type, a missing dataset, an output_dir of another recipe."""
 
 import io
@@ -33,7 +33,8 @@ def png(image: Image.Image) -> bytes:
 @pytest.fixture(scope="module")
 def bad_data(tiny_data, tmp_path_factory):
     """The tiny data with a truncated PNG in test, a whitespace-only text in train and a
-    16-bit grayscale image (PIL mode I;16, not a bad line) in validation; and their ids."""
+    16-bit grayscale image (PIL mode I;16, not a bad line: a converted one) in validation; and
+    their ids."""
     splits = load_from_disk(str(tiny_data))
     columns = {name: split.cast_column("image", ImageFeature(decode=False)).to_dict() for name, split in splits.items()}
     image = columns[TRUNCATED[0]]["image"][TRUNCATED[1]]
@@ -52,19 +53,27 @@ def bad_data(tiny_data, tmp_path_factory):
     return path, ids
 
 
-def named_lines(report_path) -> set[tuple[str, str, str]]:
+def named_lines(report_path) -> set[tuple[str, str, str, str]]:
     report = json.loads(report_path.read_text())
-    return {(line["split"], line["id"], line["problem"]) for line in report["lines"]}
+    return {(line["split"], line["id"], line["problem"], line["action"]) for line in report["lines"]}
 
 
 def test_bad_lines_are_skipped_counted_and_named(tiny_args, bad_data, tmp_path, caplog):
     path, ids = bad_data
     results = run_trocr.main(tiny_args + ["--dataset_name", str(path), "--max_steps", "2", "--max_bad_fraction", "0.2"])
     out = tmp_path / "run"
-    # Exactly the truncated image and the empty text are named; the 16-bit image is not.
-    assert named_lines(out / REPORT) == {("test", ids["truncated"], "undecodable_image"),
-                                         ("train", ids["empty"], "empty_text")}
-    assert {line["action"] for line in json.loads((out / REPORT).read_text())["lines"]} == {"skipped"}
+    # Exactly three lines are named: the truncated image and the empty text skipped, the
+    # 16-bit image converted, which is information only: no bad line, nothing skipped.
+    assert named_lines(out / REPORT) == {("test", ids["truncated"], "undecodable_image", "skipped"),
+                                         ("train", ids["empty"], "empty_text", "skipped"),
+                                         ("validation", ids["sixteen"], "converted_image", "converted")}
+    report = json.loads((out / REPORT).read_text())
+    assert "mode I;16 scaled to 8 bits" in [line["detail"] for line in report["lines"]]
+    assert report["splits"]["validation"] == {"lines": 6, "bad_lines": 0, "skipped_lines": 0, "problems": {},
+                                              "notices": {"converted_image": 1}}
+    assert "on_converted_image" not in report["settings"]
+    table_row = ["converted_image", "validation", "1", "converted", ids["sixteen"]]
+    assert table_row in [row.split() for row in caplog.text.splitlines()]
     # Trained to the end; the skipped test line is counted next to the test CER, and printed.
     assert [row["step"] for row in read_jsonl(out / "loss_log.jsonl")] == [1, 2]
     saved = json.loads((out / "all_results.json").read_text())
@@ -87,7 +96,8 @@ def test_error_policy_stops_before_training_naming_the_lines(tiny_args, bad_data
     assert {(line["split"], line["id"], line["problem"]) for line in stopped.value.lines} == expected
     assert ids["truncated"] in str(stopped.value) and ids["empty"] in str(stopped.value)
     assert "on_empty_text=error" in str(stopped.value)
-    assert named_lines(tmp_path / "run" / REPORT) == expected
+    converted = ("validation", ids["sixteen"], "converted_image", "converted")  # never an error
+    assert named_lines(tmp_path / "run" / REPORT) == {line + ("error",) for line in expected} | {converted}
     assert not (tmp_path / "run" / "all_results.json").exists()
 
 
@@ -116,6 +126,7 @@ def test_the_check_is_cached_by_fingerprint_and_settings(bad_data, processor, tm
     monkeypatch.setattr(LineCheck, "__call__", no_second_pass)
     again, skipped_again = check_splits(splits, processor.tokenizer, check_args(), str(tmp_path))
     assert skipped_again == skipped and again["test"]["id"] == kept["test"]["id"]
+    assert ("validation", ids["sixteen"], "converted_image", "converted") in named_lines(tmp_path / REPORT)
     # Another setting of the check is another cache entry.
     with pytest.raises(AssertionError, match="checked again"):
         check_splits(splits, processor.tokenizer, check_args(max_target_length=8), str(tmp_path))
@@ -133,16 +144,16 @@ def word_tokenizer():
 def test_each_problem_is_found_with_its_detail():
     white = png(Image.new("L", (40, 10), 255))
     cells = [white, white, white, white, png(Image.new("L", (1, 200))), png(Image.new("L", (20001, 201))),
-             b"not an image at all", white]
-    texts = ["a b", "", None, "a c a", "a b", "a b", "a b", "a b a b a b"]
+             b"not an image at all", white, png(Image.new("I;16", (40, 10), 65535))]
+    texts = ["a b", "", None, "a c a", "a b", "a b", "a b", "a b a b a b", "a b"]
     check = LineCheck("image", "text", word_tokenizer(), max_target_length=5, max_image_side=20000, max_aspect_ratio=100)
     found = check({"image": [{"bytes": cell, "path": None} for cell in cells], "text": texts})
-    assert found["problems"] == [[], ["empty_text"], ["empty_text"], ["unknown_tokens"], ["bad_image_size"],
-                                 ["bad_image_size"], ["undecodable_image"], ["label_too_long"]]
+    assert found["findings"] == [[], ["empty_text"], ["empty_text"], ["unknown_tokens"], ["bad_image_size"],
+                                 ["bad_image_size"], ["undecodable_image"], ["label_too_long"], ["converted_image"]]
     details = [detail for line in found["details"] for detail in line]
     assert details[:3] == ['text ""', "text null", "no token for 'c'"]
     assert "aspect ratio above max_aspect_ratio=100" in details[3] and "above max_image_side=20000" in details[4]
-    assert details[5].startswith("UnidentifiedImageError")
+    assert details[5].startswith("UnidentifiedImageError") and details[-1] == "mode I;16 scaled to 8 bits"
 
 
 def test_a_column_of_the_wrong_kind_is_named(tiny_args, monkeypatch):

@@ -1,6 +1,8 @@
 """The data check: one pass over every split before training that finds the lines the data
 path would fail on or learn nothing from, names each one in `<output_dir>/data_report.json`,
-and skips, keeps or stops on them as the recipe's `on_<problem>` keys say.
+and skips, keeps or stops on them as the recipe's `on_<problem>` keys say. It also names the
+lines whose image the data path converts with a loss (a 16-bit page scaled to 8 bits): a
+notice, which never skips nor stops a line.
 
 Images are read from their raw bytes (the dataset's Image column with decode=False), so a
 truncated PNG is one named line instead of a crash in a dataloader worker hours later.
@@ -23,14 +25,23 @@ from datasets import Value
 from datasets.fingerprint import Hasher
 from PIL import Image
 
-from .augment import to_rgb
+from .augment import SIXTEEN_BIT, to_rgb
 from .data import encode_labels, line_ids
 
 logger = logging.getLogger("trocr_recipe")
 
 REPORT = "data_report.json"
 PROBLEMS = ("undecodable_image", "bad_image_size", "empty_text", "unknown_tokens", "label_too_long")
-CACHE_VERSION = 1  # part of the cache key: raise it when a check changes
+# Findings that are information, not problems: no `on_<notice>` key, never a bad line; each
+# is listed with this action, whatever happens to its line.
+NOTICES = ("converted_image",)
+NOTICE_ACTION = "converted"
+# Image modes the data path converts with a loss, and what it does to them (augment.py).
+LOSSY_MODES = {
+    **{mode: f"mode {mode} scaled to 8 bits" for mode in SIXTEEN_BIT + ("F",)},
+    "CMYK": "mode CMYK converted to RGB without a colour profile",
+}
+CACHE_VERSION = 2  # part of the cache key: raise it when a check changes
 EXAMPLES = 5  # line ids shown per table row and error message
 
 
@@ -45,8 +56,8 @@ class BadDataError(SystemExit):
 
 @dataclass
 class LineCheck:
-    """The problems of a batch of lines, as a `datasets.map` function: a list of problem
-    names and one of details per line."""
+    """The problems and notices of a batch of lines, as a `datasets.map` function: a list of
+    their names and one of details per line."""
 
     image_column: str
     text_column: str
@@ -59,21 +70,22 @@ class LineCheck:
         raw_texts = batch[self.text_column]
         texts = [text if isinstance(text, str) else "" for text in raw_texts]
         labels, truncated = encode_labels(self.tokenizer, texts, self.max_target_length)
-        problems, details = [], []
+        findings, details = [], []
         for cell, raw, text, ids, cut in zip(batch[self.image_column], raw_texts, texts, labels, truncated):
-            found = [self.image_problem(cell)]
+            found = [self.image_finding(cell)]
             if not text.strip():
                 found.append(("empty_text", f"text {json.dumps(raw)}"))
             elif self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
                 found.append(("unknown_tokens", f"no token for {self.unknown_characters(text)!r}"))
             if cut:
                 found.append(("label_too_long", f"more than max_target_length={self.max_target_length} tokens"))
-            found = [problem for problem in found if problem]
-            problems.append([name for name, _ in found])
+            found = [finding for finding in found if finding]
+            findings.append([name for name, _ in found])
             details.append([detail for _, detail in found])
-        return {"problems": problems, "details": details}
+        return {"findings": findings, "details": details}
 
-    def image_problem(self, cell: dict | None) -> tuple[str, str] | None:
+    def image_finding(self, cell: dict | None) -> tuple[str, str] | None:
+        """The image's problem, else a converted_image notice for a mode converted with a loss."""
         if not cell or not (cell.get("bytes") or cell.get("path")):
             return "undecodable_image", "no image"
         try:
@@ -86,7 +98,7 @@ class LineCheck:
                 to_rgb(image)  # the data path's first step: every mode it cannot convert is bad too
         except Exception as error:  # whatever PIL raises on a broken file, the data path would raise as well
             return "undecodable_image", f"{type(error).__name__}: {error}"
-        return None
+        return ("converted_image", LOSSY_MODES[image.mode]) if image.mode in LOSSY_MODES else None
 
     def size_problem(self, width: int, height: int) -> str | None:
         if min(width, height) < 1:
@@ -122,9 +134,9 @@ def check_columns(split, role: str, data_args) -> None:
         )
 
 
-def find_problems(split, role: str, check: LineCheck, num_proc: int | None, fallback_dir: str) -> list[list]:
-    """[row, problem, detail] for every problem of the split, from the cache when this split
-    was checked with these settings before."""
+def check_lines(split, role: str, check: LineCheck, num_proc: int | None, fallback_dir: str) -> list[list]:
+    """[row, name, detail] for every problem and notice of the split, from the cache when
+    this split was checked with these settings before."""
     folder = os.path.dirname(split.cache_files[0]["filename"]) if split.cache_files else fallback_dir
     key = Hasher.hash([CACHE_VERSION, split._fingerprint, check])
     cache = Path(folder) / f"data_check-{key}.json"
@@ -137,9 +149,9 @@ def find_problems(split, role: str, check: LineCheck, num_proc: int | None, fall
         desc=f"Checking {role} lines",
     )
     found = [
-        [row, problem, detail]
-        for row, (problems, details) in enumerate(zip(checked["problems"], checked["details"]))
-        for problem, detail in zip(problems, details)
+        [row, name, detail]
+        for row, (names, details) in enumerate(zip(checked["findings"], checked["details"]))
+        for name, detail in zip(names, details)
     ]
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +189,8 @@ def format_table(lines: list[dict], summary: dict) -> str:
 def check_splits(splits: DatasetDict, tokenizer, data_args, output_dir: str, write_report: bool = True):
     """Checks every split; returns the splits without their skipped lines and how many lines
     each lost. Writes data_report.json (if `write_report`) and prints a table of the
-    problems. Raises BadDataError for a line whose problem is set to `error`, and when a
-    split would lose more than max_bad_fraction of its lines."""
+    problems and notices. Raises BadDataError for a line whose problem is set to `error`,
+    and when a split would lose more than max_bad_fraction of its lines."""
     check = LineCheck(
         data_args.image_column, data_args.text_column, tokenizer, data_args.max_target_length,
         data_args.max_image_side, data_args.max_aspect_ratio,
@@ -187,10 +199,13 @@ def check_splits(splits: DatasetDict, tokenizer, data_args, output_dir: str, wri
     lines, summary, skipped_rows = [], {}, {}
     for role, split in splits.items():
         check_columns(split, role, data_args)
-        by_row = defaultdict(list)
-        for row, problem, detail in find_problems(split, role, check, data_args.preprocessing_num_workers, output_dir):
-            by_row[row].append((problem, detail))
-        ids = line_ids(split, data_args.id_column) if by_row else []
+        by_row, notices = defaultdict(list), []
+        for row, name, detail in check_lines(split, role, check, data_args.preprocessing_num_workers, output_dir):
+            if name in NOTICES:
+                notices.append((row, name, detail))
+            else:
+                by_row[row].append((name, detail))
+        ids = line_ids(split, data_args.id_column) if by_row or notices else []
         skipped_rows[role] = set()
         for row, found in sorted(by_row.items()):
             actions = {policies[problem] for problem, _ in found}
@@ -201,11 +216,16 @@ def check_splits(splits: DatasetDict, tokenizer, data_args, output_dir: str, wri
                 {"split": role, "id": ids[row], "row": row, "problem": problem, "detail": detail, "action": action}
                 for problem, detail in found
             ]
+        lines += [
+            {"split": role, "id": ids[row], "row": row, "problem": name, "detail": detail, "action": NOTICE_ACTION}
+            for row, name, detail in notices
+        ]
         summary[role] = {
             "lines": len(split),
             "bad_lines": len(by_row),
             "skipped_lines": len(skipped_rows[role]),
             "problems": dict(Counter(problem for found in by_row.values() for problem, _ in found)),
+            "notices": dict(Counter(name for _, name, _ in notices)),
         }
 
     report_path = os.path.join(output_dir, REPORT)
@@ -217,7 +237,12 @@ def check_splits(splits: DatasetDict, tokenizer, data_args, output_dir: str, wri
         report = {"settings": settings, "splits": summary, "lines": lines}
         Path(report_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if lines:
-        logger.warning("Data check: problems found (every line is named in %s)\n%s", report_path, format_table(lines, summary))
+        found = any(line["action"] != NOTICE_ACTION for line in lines)  # notices alone are no warning
+        logger.log(
+            logging.WARNING if found else logging.INFO, "Data check: %s (every line is named in %s)\n%s",
+            "problems found" if found else "no problem, some images converted", report_path,
+            format_table(lines, summary),
+        )
     else:
         logger.info("Data check: no problem in %s lines", " + ".join(str(counts["lines"]) for counts in summary.values()))
 
