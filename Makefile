@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 data/synthetic/dataset_dict.json: data_scripts/make_synthetic.py | setup
-	$(BIN)/python data_scripts/make_synthetic.py --output_dir data/synthetic --num_train 4000
+	$(BIN)/python data_scripts/make_synthetic.py --output_dir data/synthetic --num_train 6000
 
 models/demo/config.json: data/synthetic/dataset_dict.json data_scripts/make_tiny_model.py
 	$(BIN)/python data_scripts/make_tiny_model.py --dataset data/synthetic --output_dir models/demo --preset demo
