@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What each pitfall does: "the loss goes down, the CER goes up", reproduced and explained.
 
-    make demo && python experiments/pitfalls.py            # about 10 minutes on a 2-core CPU
+    make demo && python experiments/pitfalls.py            # about 2.5 minutes on a 2-core CPU
 
 Starts from a converged checkpoint (the demo's trained model, runs/demo) and fine-tunes it
 for a fixed number of steps on its own training data, once as the recipe does (the reference
