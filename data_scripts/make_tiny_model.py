@@ -31,7 +31,7 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # through every code path in seconds (tests, recipes/tiny.json).
 PRESETS = {
     "demo": dict(
-        hidden_size=160, patch_size=[32, 8], encoder_layers=2, vocab_size=300, init_std=0.08, pretrain_steps=4000
+        hidden_size=160, patch_size=[32, 8], encoder_layers=2, vocab_size=300, init_std=0.08, pretrain_steps=3500
     ),
     "tiny": dict(width=128, hidden_size=32, encoder_layers=1, decoder_layers=1, heads=2, vocab_size=300),
 }
