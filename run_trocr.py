@@ -14,7 +14,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from trocr_recipe.args import parse_recipe
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, finish_run, log_scores, write_split_report, write_training_curves
-from trocr_recipe.pipeline import setup_logging, start_run
+from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.trainer import OcrTrainer, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
@@ -102,9 +102,10 @@ def main(argv=None):
             write_training_curves(training_args.output_dir, eval_rows)
 
     # 5. Final scores: validation and test, generate-based, with predictions files.
-    for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
+    for role, enabled in (("validation", training_args.do_eval), ("test", training_args.do_predict)):
         if not enabled:
             continue
+        prefix = RESULT_PREFIX[role]
         scores, predictions = evaluate_split(trainer, metrics, inputs[role], references[role], prefix)
         results.update(scores)
         if trainer.is_world_process_zero():

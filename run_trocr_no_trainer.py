@@ -48,7 +48,7 @@ from trocr_recipe.outputs import (
     write_split_report,
     write_training_curves,
 )
-from trocr_recipe.pipeline import setup_logging, start_run
+from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.trainer import load_checkpoint_weights, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
@@ -575,9 +575,10 @@ def main(argv=None):
             write_training_curves(training_args.output_dir, eval_rows + StepLog(training_args.output_dir, EVAL_LOG).read())
 
     # 6. Final scores: validation and test, generate-based, with predictions files.
-    for role, enabled, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict, "test")):
+    for role, enabled in (("validation", training_args.do_eval), ("test", training_args.do_predict)):
         if not enabled:
             continue
+        prefix = RESULT_PREFIX[role]
         scores, predictions = score(accelerator, model, loaders[role], tokenizer, training_args, references[role], prefix)
         results.update(scores)
         if accelerator.is_main_process:
