@@ -3,6 +3,7 @@
 evaluation path against one-line-at-a-time `generate`.
 
     python benchmarks/bench_eval.py                  # the figure of benchmarks/README.md
+    python benchmarks/bench_eval.py --model small    # a TrOCR-small decoder, 577 encoder positions
     python benchmarks/bench_eval.py --quick          # smoke test
 
 - ours: what run_trocr_no_trainer.py (and, the same way, OcrTrainer with
@@ -10,15 +11,19 @@ evaluation path against one-line-at-a-time `generate`.
   `OcrCollator` in a DataLoader of `--batch_size` lines, `generate_predictions` (batched
   beam search as configured, key/value cache on, through `trocr_recipe.generation`: the
   encoder, its projection and the cross-attention keys and values once per line, shared
-  by the line's beams), corpus CER. Its time includes decoding and resizing the images.
+  by the line's beams; finished lines left out of the decoder's batch), corpus CER. Its
+  time includes decoding and resizing the images.
 - baseline: `model.generate(pixel_values)` on one line at a time, the same beams, maximum
   length and cache, on the very same pixel values (prepared beforehand and not timed), so
   that both must give the same predictions; the CERs are printed and checked equal.
 
-The model is built offline from configs, random weights, sized like a small TrOCR (a
-TrOCR-small decoder: 6 layers of 256, 8 heads; a lighter ViT encoder, 384x384 input, 16x16
-patches; all set by flags) with a byte-level BPE tokenizer trained on the generated texts
-(data_scripts/make_tiny_model.py). An untrained model never emits </s> and would run every
+The model is built offline, random weights, with a byte-level BPE tokenizer trained on
+generated texts: by default (`--model demo`) the model `make demo` trains, as
+data_scripts/make_tiny_model.py --preset demo builds it (ViT 2x160 on 32x384 lines, 48
+patches; decoder 2x160; vocabulary 300); `--model small` puts TrOCR-small's decoder (6
+layers of 256, 8 heads) behind a lighter ViT on TrOCR's 384x384 input with 16x16 patches
+(577 positions; all set by flags), where on a CPU the encoder, the same in both paths,
+takes most of the time. An untrained model never emits </s> and would run every
 line to the maximum length, which flatters batching (no line waits for a longer one): by
 default each line is made to end at its reference length, as a trained model's would
 (`--lengths max` turns that off). Both paths run under the same rule.
@@ -52,6 +57,8 @@ from transformers import (  # noqa: E402
     VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
 )
 
+from make_tiny_model import build_model as build_tiny_model  # noqa: E402
+from make_tiny_model import parse_args as parse_tiny_model_args  # noqa: E402
 from make_tiny_model import train_tokenizer  # noqa: E402
 from run_trocr_no_trainer import generate_predictions  # noqa: E402
 from trocr_recipe.data import OcrCollator, encode_labels, with_image_transforms  # noqa: E402
@@ -59,7 +66,8 @@ from trocr_recipe.metrics import corpus_cer, decode  # noqa: E402
 from trocr_recipe.modeling import generation_max_length, set_special_tokens  # noqa: E402
 
 
-def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
+def build_small(tokenizer, args) -> VisionEncoderDecoderModel:
+    """`--model small`: TrOCR-small's decoder behind a lighter ViT on TrOCR's 384x384 input."""
     encoder = ViTConfig(
         image_size=args.size, patch_size=args.patch_size, hidden_size=args.encoder_hidden,
         num_hidden_layers=args.encoder_layers, num_attention_heads=args.encoder_heads,
@@ -74,9 +82,33 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(args.seed)
-    model = VisionEncoderDecoderModel(config=VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    return VisionEncoderDecoderModel(config=VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+
+
+def build(args, texts: list[str]):
+    """The tokenizer, image processor and model of `--model`; the tokenizer learns from a
+    "training set" of texts like the lines', not only from them."""
+    rng = random.Random(args.seed)
+    corpus = texts + [random_text(rng, 7, 11) for _ in range(5000)]
+    if args.model == "demo":
+        shape = parse_tiny_model_args(["--preset", "demo", "--dataset", "", "--output_dir", "", "--seed", str(args.seed)])
+        tokenizer = train_tokenizer(corpus, shape.vocab_size)
+        model, processor = build_tiny_model(tokenizer, shape), make_processor(shape.height, shape.width)
+    else:
+        tokenizer = train_tokenizer(corpus, args.tokenizer_vocab)
+        model, processor = build_small(tokenizer, args), make_processor(args.size, args.size)
     set_special_tokens(model, tokenizer)
-    return model.eval()
+    return tokenizer, processor, model.eval()
+
+
+def describe_model(model) -> str:
+    encoder, decoder = model.config.encoder, model.config.decoder
+    image, patch = encoder.image_size, encoder.patch_size
+    image, patch = [image] * 2 if isinstance(image, int) else image, [patch] * 2 if isinstance(patch, int) else patch
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    return (f"{parameters:.1f}M parameters; encoder {encoder.num_hidden_layers}x{encoder.hidden_size} on "
+            f"{image[0]}x{image[1]}/{patch[0]}x{patch[1]} ({model.encoder.embeddings.patch_embeddings.num_patches} "
+            f"patches), decoder {decoder.decoder_layers}x{decoder.d_model}, vocabulary {decoder.vocab_size}")
 
 
 class ReferenceLengths(LogitsProcessor):
@@ -116,6 +148,9 @@ def main(argv=None):
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4, 10], help="Beam counts in the table.")
     parser.add_argument("--lengths", choices=("reference", "max"), default="reference",
                         help="Lines end at their reference length (a trained model), or run to the maximum length.")
+    parser.add_argument("--model", choices=("demo", "small"), default="demo",
+                        help="demo: the model `make demo` trains (make_tiny_model.py --preset demo); small: "
+                             "TrOCR-small's decoder behind a lighter ViT on 384x384, sized by the flags below.")
     parser.add_argument("--size", type=int, default=384, help="Model input size (TrOCR: 384x384).")
     parser.add_argument("--patch_size", type=int, default=16, help="ViT patch size (TrOCR: 16).")
     parser.add_argument("--encoder_hidden", type=int, default=192, help="ViT width (TrOCR-small: 384).")
@@ -141,20 +176,13 @@ def main(argv=None):
     progress(f"rendering {args.lines} lines, training the tokenizer, building the model")
     width, height = (1700, 120) if not args.quick else (400, 40)
     blobs, texts = iam_like_lines(args.lines, args.seed + 1, width, height)
-    # The tokenizer learns from a "training set" of texts like these, not only from them.
-    rng = random.Random(args.seed)
-    tokenizer = train_tokenizer(texts + [random_text(rng, 7, 11) for _ in range(5000)], args.tokenizer_vocab)
-    image_processor = make_processor(args.size, args.size)
-    model = build_model(tokenizer, args).to(device)
+    tokenizer, image_processor, model = build(args, texts)
+    model.to(device)
     labels, _ = encode_labels(tokenizer, texts, max_target_length=256)
     max_length = generation_max_length(max(len(ids) for ids in labels))
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"# {describe_images(blobs)}, batch {args.batch_size}")
-    print(f"# model: {parameters:.1f}M parameters; encoder {args.encoder_layers}x{args.encoder_hidden} on "
-          f"{args.size}x{args.size}/{args.patch_size} ({(args.size // args.patch_size) ** 2} patches), decoder "
-          f"{args.decoder_layers}x{args.decoder_hidden}, vocabulary {model.config.decoder.vocab_size} "
-          f"(tokenizer {len(tokenizer)}); max_length {max_length}; lengths: {args.lengths} "
-          f"(mean label {sum(map(len, labels)) / len(labels):.1f} tokens)", flush=True)
+    print(f"# model {args.model}: {describe_model(model)} (tokenizer {len(tokenizer)}); max_length {max_length}; "
+          f"lengths: {args.lengths} (mean label {sum(map(len, labels)) / len(labels):.1f} tokens)", flush=True)
 
     accelerator = Accelerator(cpu=device.type == "cpu")
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:

@@ -109,7 +109,7 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="save_to_disk folder whose train texts train the tokenizer.")
     parser.add_argument("--output_dir", required=True, help="Checkpoint folder to write.")
@@ -136,7 +136,11 @@ def main(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     dataset = load_from_disk(args.dataset)
     tokenizer = train_tokenizer(dataset["train"][args.text_column], args.vocab_size)

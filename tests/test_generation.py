@@ -1,9 +1,13 @@
 """trocr_recipe.generation.generate gives the sequences of model.generate, one line at a
 time or batched, greedy or beam search, with and without the encoder-to-decoder projection."""
 
+import math
+
 import pytest
 import torch
-from transformers import TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+from transformers import (
+    LogitsProcessor, LogitsProcessorList, TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
+)
 
 from trocr_recipe.generation import generate, generating_per_line
 
@@ -47,3 +51,42 @@ def test_routed_model_generate_is_restored():
             routed = model.generate(pixel_values=pixels, num_beams=2, max_length=8)
     assert torch.equal(routed, expected)
     assert "generate" not in vars(model)
+
+
+class _EndAt(LogitsProcessor):
+    """Line i ends with </s> (id 2) as its lengths[i]-th token, as a trained model's lines
+    would end (a random model's rarely do)."""
+
+    def __init__(self, lengths: list[int], num_beams: int):
+        self.lengths = torch.tensor(lengths).repeat_interleave(num_beams)
+
+    def __call__(self, input_ids, scores):
+        end = input_ids.shape[1] >= self.lengths
+        scores[~end, 2] = -math.inf
+        scores[end] = -math.inf
+        scores[end, 2] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_finished_lines_leave_the_batch(num_beams):
+    model = _model(24)
+    lengths = [3, 12, 4, 5, 3, 6, 4, 3]  # the batch runs for 12 steps; most lines end in 3 to 6
+    pixels = torch.randn(len(lengths), 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_beams=num_beams, max_length=16, early_stopping=num_beams > 1)
+    with torch.no_grad():
+        expected = []
+        for i, length in enumerate(lengths):
+            processor = LogitsProcessorList([_EndAt([length], num_beams)])
+            expected.append(model.generate(pixel_values=pixels[i:i + 1], logits_processor=processor, **kwargs)[0])
+        rows = []
+        hook = model.decoder.register_forward_pre_hook(lambda module, args, kw: rows.append(len(kw["input_ids"])),
+                                                       with_kwargs=True)
+        batched = generate(model, pixels, logits_processor=LogitsProcessorList([_EndAt(lengths, num_beams)]), **kwargs)
+        hook.remove()
+    assert [row[row != 1].tolist() for row in batched] == [row.tolist() for row in expected]
+    assert [len(row[row != 1]) for row in batched] == [length + 1 for length in lengths]  # start token + text + </s>
+    # All lines at first; once a quarter of them are done, only those still being decoded.
+    assert rows[0] == len(lengths) * num_beams and rows[-1] == num_beams
+    assert sum(rows) < 0.6 * len(rows) * len(lengths) * num_beams
+    assert "forward" not in vars(model) and "_check_early_stop_heuristic" not in vars(model)
