@@ -33,6 +33,7 @@ from tqdm import tqdm
 from trocr_recipe.args import ModelArguments
 from trocr_recipe.augment import resize_to_tensor, to_rgb
 from trocr_recipe.data import OcrCollator, image_size, line_ids
+from trocr_recipe.generation import generate
 from trocr_recipe.metrics import decode
 from trocr_recipe.modeling import load_model, load_processor
 from trocr_recipe.outputs import write_jsonl
@@ -119,15 +120,16 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 def transcribe(model, processor, images: Iterable[tuple[str, torch.Tensor]], batch_size: int, **generate_kwargs):
-    """(name, text) per image: normalized by the recipe's collator, batched generate, decoded
-    without the tokenizer's clean-up (as the run scored its predictions)."""
+    """(name, text) per image: normalized by the recipe's collator, batched generate as the
+    runs evaluate (trocr_recipe.generation: the sequences of model.generate), decoded without
+    the tokenizer's clean-up (as the run scored its predictions)."""
     collator = OcrCollator.from_image_processor(processor.image_processor)
     for batch in batched(images, batch_size):
         names = [name for name, _ in batch]
         # The collator pads labels too; there are none to pad here.
         pixel_values = collator([{"pixel_values": pixels, "labels": []} for _, pixels in batch])["pixel_values"]
         with torch.inference_mode():
-            generated = model.generate(pixel_values=pixel_values.to(model.device), **generate_kwargs)
+            generated = generate(model, pixel_values.to(model.device), **generate_kwargs)
         yield from zip(names, decode(processor.tokenizer, generated.cpu()))
 
 

@@ -91,7 +91,8 @@ def build(args, texts: list[str]):
     rng = random.Random(args.seed)
     corpus = texts + [random_text(rng, 7, 11) for _ in range(5000)]
     if args.model == "demo":
-        shape = parse_tiny_model_args(["--preset", "demo", "--dataset", "", "--output_dir", "", "--seed", str(args.seed)])
+        shape = parse_tiny_model_args(["--preset", "demo", "--dataset", "", "--output_dir", "", "--seed",
+                                       str(args.seed)])
         tokenizer = train_tokenizer(corpus, shape.vocab_size)
         model, processor = build_tiny_model(tokenizer, shape), make_processor(shape.height, shape.width)
     else:

@@ -1,15 +1,18 @@
 """trocr_recipe.generation.generate gives the sequences of model.generate, one line at a
-time or batched, greedy or beam search, with and without the encoder-to-decoder projection."""
+time or batched, greedy or beam search, with and without the encoder-to-decoder projection,
+while finished lines leave the batch; OcrTrainer's evaluation step uses it."""
 
 import math
 
 import pytest
 import torch
 from transformers import (
-    LogitsProcessor, LogitsProcessorList, TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
+    LogitsProcessor, LogitsProcessorList, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrOCRConfig, ViTConfig,
+    VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
 )
 
 from trocr_recipe.generation import generate, generating_per_line
+from trocr_recipe.trainer import OcrTrainer
 
 
 def _model(encoder_width: int) -> VisionEncoderDecoderModel:
@@ -90,3 +93,26 @@ def test_finished_lines_leave_the_batch(num_beams):
     assert rows[0] == len(lengths) * num_beams and rows[-1] == num_beams
     assert sum(rows) < 0.6 * len(rows) * len(lengths) * num_beams
     assert "forward" not in vars(model) and "_check_early_stop_heuristic" not in vars(model)
+
+
+def test_trainer_prediction_step_runs_the_encoder_once(tmp_path):
+    """OcrTrainer's evaluation step: the sequences and evaluation loss of Seq2SeqTrainer's,
+    with one encoder pass per batch where the stock step makes two (generate, then the loss)."""
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100], [5, 2, -100, -100], [7, 7, 7, 2]])
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=True, report_to=[], use_cpu=True)
+    results = {}
+    for trainer_class in (Seq2SeqTrainer, OcrTrainer):
+        model = _model(24)  # the same weights; a fresh generation config (the step sets its defaults)
+        trainer = trainer_class(model=model, args=args)
+        passes = []
+        hook = model.encoder.register_forward_hook(lambda *_: passes.append(1))
+        loss, generated, _ = trainer.prediction_step(model, {"pixel_values": pixels, "labels": labels},
+                                                     prediction_loss_only=False, num_beams=2, max_length=10)
+        hook.remove()
+        results[trainer_class] = loss, generated, len(passes)
+    (stock_loss, stock_generated, stock_passes), (loss, generated, passes) = results.values()
+    assert torch.equal(generated, stock_generated)
+    assert torch.allclose(loss, stock_loss, atol=1e-6)
+    assert (stock_passes, passes) == (2, 1)
+    assert "forward" not in vars(model) and "generate" not in vars(model)

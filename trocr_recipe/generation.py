@@ -22,7 +22,8 @@ through the decoder, their outputs thrown away.
   it), its rows get zero logits instead of a forward pass. Taking a line out means
   copying the keys, values and cache of those that remain, so it is done when a quarter
   of the batch is finished, not for every line.
-Both loops evaluate through it (OcrTrainer.prediction_step, run_trocr_no_trainer.generate_predictions).
+Both loops evaluate through it (OcrTrainer.prediction_step, run_trocr_no_trainer.generate_predictions);
+`generating_per_line` also gives the trainer's evaluation loss the encoder output of generation.
 """
 
 import contextlib
@@ -133,21 +134,44 @@ class _Batch:
         return unsatisfied
 
 
-def generate(model, pixel_values: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
-    """`model.generate(pixel_values=pixel_values, **generate_kwargs)`: the same sequences,
-    computed as the module docstring says (the stock path for a decoder other than TrOCR's,
-    or when attentions or hidden states are asked for)."""
-    attentions = _cross_attentions(model)
+def _restore(module, name: str, previous) -> None:
+    """Undo an instance attribute set over a class's method (or over an earlier one)."""
+    if previous is None:
+        vars(module).pop(name, None)
+    else:
+        setattr(module, name, previous)
+
+
+def _per_line_attentions(model, generate_kwargs) -> list[TrOCRAttention] | None:
+    """The cross-attention modules `generate` replaces; None where it takes the stock path
+    (a decoder other than TrOCR's, or attentions or hidden states asked for)."""
     config = model.generation_config
     outputs = ("output_attentions", "output_hidden_states")
-    if attentions is None or any(generate_kwargs.get(name, getattr(config, name)) for name in outputs):
-        return model.generate(pixel_values=pixel_values, **generate_kwargs)
+    if any(generate_kwargs.get(name, getattr(config, name)) for name in outputs):
+        return None
+    return _cross_attentions(model)
+
+
+def encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():  # the encoder runs outside the model's forward, as in generate
-        states = model.encoder(pixel_values=pixel_values).last_hidden_state
+        return model.encoder(pixel_values=pixel_values).last_hidden_state
+
+
+def generate(model, pixel_values: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
+    """`model.generate(pixel_values=pixel_values, **generate_kwargs)`: the same sequences,
+    computed as the module docstring says."""
+    attentions = _per_line_attentions(model, generate_kwargs)
+    if attentions is None:
+        return model.generate(pixel_values=pixel_values, **generate_kwargs)
+    return _generate(model, attentions, encode(model, pixel_values), **generate_kwargs)
+
+
+def _generate(model, attentions: list[TrOCRAttention], states: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
+    config = model.generation_config
     eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=states.device)
     batch = _Batch(model, states, generate_kwargs.get("num_beams", config.num_beams) or 1, eos)
-    stock_forward = vars(model).get("forward")
+    previous_forward = vars(model).get("forward")
     try:
         for attention in attentions:
             attention.forward = partial(batch.attend, attention)
@@ -160,30 +184,38 @@ def generate(model, pixel_values: torch.Tensor, **generate_kwargs) -> torch.Long
         return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=placeholder), **generate_kwargs)
     finally:
         for attention in attentions:
-            vars(attention).pop("forward", None)  # back to TrOCRAttention.forward
-        vars(model).pop("_check_early_stop_heuristic", None)
-        if stock_forward is None:
-            vars(model).pop("forward", None)
-        else:
-            model.forward = stock_forward
+            _restore(attention, "forward", None)  # back to TrOCRAttention.forward
+        _restore(model, "_check_early_stop_heuristic", None)
+        _restore(model, "forward", previous_forward)
 
 
 @contextlib.contextmanager
 def generating_per_line(model):
-    """`model.generate(pixel_values=..., ...)` goes through `generate` above while in the
-    block: for Seq2SeqTrainer, which calls it itself."""
-    stock, previous = model.generate, vars(model).get("generate")
+    """While in the block, `model.generate(pixel_values=..., ...)` goes through `generate`
+    above, and the model's forward on the very pixel values generate was last given takes
+    their encoder output instead of running the encoder again: for Seq2SeqTrainer's
+    prediction step, which generates, then computes the evaluation loss on the same batch.
+    (Under mixed precision that loss then sees the encoder's float32 output, the one
+    generation uses, where the stock step ran the encoder again under autocast.)"""
+    previous_generate, previous_forward = vars(model).get("generate"), vars(model).get("forward")
+    stock_generate, stock_forward = model.generate, model.forward
+    encoded = []  # [pixel values, encoder output] of the last generate call
 
     def routed(pixel_values=None, **generate_kwargs):
-        if pixel_values is None:  # generate's own call, with the placeholder encoder output
-            return stock(**generate_kwargs)
-        return generate(model, pixel_values, **generate_kwargs)
+        attentions = _per_line_attentions(model, generate_kwargs)
+        if pixel_values is None or attentions is None:  # e.g. generate's own call, with the placeholder
+            return stock_generate(pixel_values=pixel_values, **generate_kwargs)
+        encoded[:] = [pixel_values, encode(model, pixel_values)]
+        return _generate(model, attentions, encoded[1], **generate_kwargs)
 
-    model.generate = routed
+    def forward(*args, pixel_values=None, encoder_outputs=None, **kwargs):
+        if encoded and pixel_values is encoded[0] and encoder_outputs is None:
+            pixel_values, encoder_outputs = None, BaseModelOutput(last_hidden_state=encoded[1])
+        return stock_forward(*args, pixel_values=pixel_values, encoder_outputs=encoder_outputs, **kwargs)
+
+    model.generate, model.forward = routed, wraps(stock_forward)(forward)
     try:
         yield
     finally:
-        if previous is None:
-            del model.generate  # back to the class's
-        else:
-            model.generate = previous
+        _restore(model, "generate", previous_generate)
+        _restore(model, "forward", previous_forward)

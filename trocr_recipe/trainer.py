@@ -51,7 +51,8 @@ class OcrTrainer(Seq2SeqTrainer):
     Evaluation across processes: every line is scored once (see evaluation_loop).
 
     Speed, the same results: generation computes what the beams of a line share once per
-    line (see prediction_step), and the per-step FLOP count does not walk the model's
+    line and leaves finished lines out of the batch, and the evaluation loss reuses the
+    encoder output of generation (see prediction_step); and the per-step FLOP count does not walk the model's
     modules (see floating_point_ops).
 
     Checkpoints: resume and best-model loading go through `from_pretrained` for plain
@@ -128,8 +129,9 @@ class OcrTrainer(Seq2SeqTrainer):
         return super().evaluation_loop(*args, **kwargs)
 
     def prediction_step(self, *args, **kwargs):
-        # Generation with what the beams of a line share computed once per line, as the
-        # custom loop's (trocr_recipe.generation): the same sequences, several times faster.
+        # Generation as the custom loop's (trocr_recipe.generation: what a line's beams share
+        # computed once, finished lines out of the batch; the same sequences, several times
+        # faster), and one encoder pass per batch for generation and evaluation loss together.
         with generating_per_line(self.model):
             return super().prediction_step(*args, **kwargs)
 
