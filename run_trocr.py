@@ -8,8 +8,10 @@ The recipe JSON gives the defaults, flags override them; `--help` lists every ar
 """
 
 import logging
+import math
 
 from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from trocr_recipe.args import parse_recipe
 from trocr_recipe.metrics import GeneratedTextMetrics
@@ -35,6 +37,36 @@ class LossLogCallback(TrainerCallback):
             self.log.append(state.global_step, logs["loss"], logs.get("learning_rate"), logs.get("epoch"))
 
 
+class _PrintEvery:
+    """The trainer's console output of the training logs (its progress bar's or its
+    printer's) every `logging_steps` of the recipe, while the trainer logs every step for
+    loss_log.jsonl and TensorBoard: a dict printed at every step floods the console (and
+    costs 0.2 ms a step, benchmarks/bench_train.py). Other logs (evaluation) always print."""
+
+    def __init__(self, logging_steps: float):
+        super().__init__()
+        self.logging_steps, self.every = logging_steps, 1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # As TrainingArguments: a logging_steps below 1 is a fraction of the training steps.
+        steps = self.logging_steps
+        self.every = max(1, math.ceil(state.max_steps * steps) if steps < 1 else int(steps))
+        return super().on_train_begin(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.global_step % self.every and state.global_step != state.max_steps:
+            return None
+        return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class ProgressEvery(_PrintEvery, ProgressCallback):
+    pass
+
+
+class PrinterEvery(_PrintEvery, PrinterCallback):
+    pass
+
+
 def evaluate_split(trainer, metrics, split, references, prefix):
     """Generate on one split and score it against its raw reference strings."""
     metrics.references = references
@@ -47,8 +79,9 @@ def main(argv=None):
     model_args, data_args, training_args = parse_recipe(argv)
     # The image transform reads the raw image and text columns: the trainer must not drop them.
     training_args.remove_unused_columns = False
-    # loss_log.jsonl holds one row per optimizer step: it is what runs are compared on.
-    training_args.logging_steps = 1
+    # loss_log.jsonl holds one row per optimizer step: it is what runs are compared on. The
+    # console still shows the training logs every logging_steps of the recipe.
+    console_logging_steps, training_args.logging_steps = training_args.logging_steps, 1
     setup_logging(training_args)
     logger.info("Training arguments %s", training_args)
 
@@ -73,6 +106,9 @@ def main(argv=None):
         compute_metrics=metrics,
         callbacks=[LossLogCallback(training_args.output_dir)],
     )
+    for stock, every in ((ProgressCallback, ProgressEvery), (PrinterCallback, PrinterEvery)):
+        if trainer.pop_callback(stock) is not None:
+            trainer.add_callback(every(console_logging_steps))
     if data_args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
     results = run.data_results()  # truncated labels and skipped lines per split

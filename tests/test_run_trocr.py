@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from datasets import load_from_disk
-from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+from transformers import TrainerState, TrOCRProcessor, VisionEncoderDecoderModel
 
 import run_trocr
 from conftest import ROOT
@@ -158,3 +158,19 @@ def test_wrong_column_stops_before_the_model_is_loaded(tiny_args, monkeypatch):
         run_trocr.main(tiny_args + ["--text_column", "transcription"])
     with pytest.raises(SystemExit, match=r"no split 'dev' \(for validation\); it has: train, validation, test"):
         run_trocr.main(tiny_args + ["--validation_split", "dev"])
+
+
+@pytest.mark.parametrize("logging_steps, printed", [(3, [3, 6, 9, 10]), (0.5, [5, 10])])
+def test_console_shows_the_training_logs_every_logging_steps(logging_steps, printed, capsys):
+    """The trainer logs every step (loss_log.jsonl, TensorBoard); the console prints the
+    training logs every logging_steps of the recipe and at the last step, evaluations always."""
+    printer = run_trocr.PrinterEvery(logging_steps)
+    state = TrainerState(max_steps=10)
+    printer.on_train_begin(None, state, None)
+    for step in range(1, 11):
+        state.global_step = step
+        printer.on_log(None, state, None, logs={"loss": float(step)})
+    printer.on_log(None, state, None, logs={"eval_cer": 1.0})
+    *losses, evaluation = capsys.readouterr().out.splitlines()  # as {'loss': '3'}
+    assert [int(line.split("'")[3]) for line in losses] == printed
+    assert "eval_cer" in evaluation
