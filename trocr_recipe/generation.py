@@ -143,10 +143,11 @@ def _restore(module, name: str, previous) -> None:
 
 
 def _per_line_attentions(model, generate_kwargs) -> list[TrOCRAttention] | None:
-    """The cross-attention modules `generate` replaces; None where it takes the stock path
-    (a decoder other than TrOCR's, or attentions or hidden states asked for)."""
+    """The cross-attention modules `generate` replaces; None where it takes the stock path:
+    a decoder other than TrOCR's, or attentions, hidden states, scores or logits asked for
+    (those of finished lines would be missing)."""
     config = model.generation_config
-    outputs = ("output_attentions", "output_hidden_states")
+    outputs = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
     if any(generate_kwargs.get(name, getattr(config, name)) for name in outputs):
         return None
     return _cross_attentions(model)
