@@ -108,6 +108,9 @@ class _Batch:
         return Seq2SeqLMOutput(logits=logits, past_key_values=outputs.past_key_values)
 
     def leave_out_finished(self):
+        """Keeps only the unfinished lines in the decoder's batch, its cache and the keys and
+        values, once a quarter of the batch is finished: taking lines out one by one would
+        copy the keys and values of all the others every time. At least one line stays."""
         finished = self.done[self.lines]
         if 4 * int(finished.sum()) < len(self.lines) or bool(finished.all()):
             return
