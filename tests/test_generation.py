@@ -72,8 +72,11 @@ class _EndAt(LogitsProcessor):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_finished_lines_leave_the_batch(num_beams):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_finished_lines_leave_the_batch(num_beams, bf16):
     model = _model(24)
+    if bf16:
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     lengths = [3, 12, 4, 5, 3, 6, 4, 3]  # the batch runs for 12 steps; most lines end in 3 to 6
     pixels = torch.randn(len(lengths), 3, 32, 32, generator=torch.Generator().manual_seed(3))
     kwargs = dict(num_beams=num_beams, max_length=16, early_stopping=num_beams > 1)
@@ -82,7 +85,7 @@ def test_finished_lines_leave_the_batch(num_beams):
         for i, length in enumerate(lengths):
             processor = LogitsProcessorList([_EndAt([length], num_beams)])
             expected.append(model.generate(pixel_values=pixels[i:i + 1], logits_processor=processor, **kwargs)[0])
-        rows = []
+        rows, stock_forward = [], vars(model).get("forward")
         hook = model.decoder.register_forward_pre_hook(lambda module, args, kw: rows.append(len(kw["input_ids"])),
                                                        with_kwargs=True)
         batched = generate(model, pixels, logits_processor=LogitsProcessorList([_EndAt(lengths, num_beams)]), **kwargs)
@@ -92,7 +95,8 @@ def test_finished_lines_leave_the_batch(num_beams):
     # All lines at first; once a quarter of them are done, only those still being decoded.
     assert rows[0] == len(lengths) * num_beams and rows[-1] == num_beams
     assert sum(rows) < 0.6 * len(rows) * len(lengths) * num_beams
-    assert "forward" not in vars(model) and "_check_early_stop_heuristic" not in vars(model)
+    assert "_check_early_stop_heuristic" not in vars(model)
+    assert vars(model).get("forward") is (stock_forward if bf16 else None)
 
 
 def test_trainer_prediction_step_runs_the_encoder_once(tmp_path):
