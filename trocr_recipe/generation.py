@@ -181,7 +181,9 @@ def _generate(model, attentions: list[TrOCRAttention], states: torch.Tensor, **g
             attention.forward = partial(batch.attend, attention)
         # generate checks its keyword arguments against the forward's signature: the model's.
         model.forward = wraps(batch.forward)(lambda *args, **kwargs: batch.decode(*args, **kwargs))
-        model._check_early_stop_heuristic = partial(batch.watch, model._check_early_stop_heuristic)
+        check = getattr(model, "_check_early_stop_heuristic", None)  # transformers 5's beam search
+        if check is not None:  # without it, beam search keeps every line in the batch
+            model._check_early_stop_heuristic = partial(batch.watch, check)
         # generate only needs the decoder now: the encoder output it carries (expanded to
         # the beams, projected at every step) is a placeholder of one position.
         placeholder = states.new_zeros(len(states), 1, model.config.encoder.hidden_size)
