@@ -151,19 +151,20 @@ def main(argv=None):
                         help="Lines end at their reference length (a trained model), or run to the maximum length.")
     parser.add_argument("--model", choices=("demo", "small"), default="demo",
                         help="demo: the model `make demo` trains (make_tiny_model.py --preset demo); small: "
-                             "TrOCR-small's decoder behind a lighter ViT on 384x384, sized by the flags below.")
-    parser.add_argument("--size", type=int, default=384, help="Model input size (TrOCR: 384x384).")
-    parser.add_argument("--patch_size", type=int, default=16, help="ViT patch size (TrOCR: 16).")
-    parser.add_argument("--encoder_hidden", type=int, default=192, help="ViT width (TrOCR-small: 384).")
-    parser.add_argument("--encoder_layers", type=int, default=4, help="ViT layers (TrOCR-small: 12).")
-    parser.add_argument("--encoder_heads", type=int, default=3, help="ViT heads (TrOCR-small: 6).")
-    parser.add_argument("--decoder_hidden", type=int, default=256, help="Decoder width (TrOCR-small: 256).")
-    parser.add_argument("--decoder_layers", type=int, default=6, help="Decoder layers (TrOCR-small: 6).")
-    parser.add_argument("--decoder_heads", type=int, default=8, help="Decoder heads (TrOCR-small: 8).")
-    parser.add_argument("--vocab_size", type=int, default=0,
-                        help="Output vocabulary of the decoder (TrOCR-small: 64044); default: the tokenizer's. "
-                             "Ids the tokenizer does not know are never generated.")
-    parser.add_argument("--tokenizer_vocab", type=int, default=1000, help="BPE vocabulary trained on the texts.")
+                             "TrOCR-small's decoder behind a lighter ViT on 384x384 (its flags: below).")
+    small = parser.add_argument_group("--model small", "Its shape and vocabulary (not used by --model demo).")
+    small.add_argument("--size", type=int, default=384, help="Model input size (TrOCR: 384x384).")
+    small.add_argument("--patch_size", type=int, default=16, help="ViT patch size (TrOCR: 16).")
+    small.add_argument("--encoder_hidden", type=int, default=192, help="ViT width (TrOCR-small: 384).")
+    small.add_argument("--encoder_layers", type=int, default=4, help="ViT layers (TrOCR-small: 12).")
+    small.add_argument("--encoder_heads", type=int, default=3, help="ViT heads (TrOCR-small: 6).")
+    small.add_argument("--decoder_hidden", type=int, default=256, help="Decoder width (TrOCR-small: 256).")
+    small.add_argument("--decoder_layers", type=int, default=6, help="Decoder layers (TrOCR-small: 6).")
+    small.add_argument("--decoder_heads", type=int, default=8, help="Decoder heads (TrOCR-small: 8).")
+    small.add_argument("--vocab_size", type=int, default=0,
+                       help="Output vocabulary of the decoder (TrOCR-small: 64044); default: the tokenizer's. "
+                            "Ids the tokenizer does not know are never generated.")
+    small.add_argument("--tokenizer_vocab", type=int, default=1000, help="BPE vocabulary trained on the texts.")
     add_common_args(parser, repeats=3)
     args = parser.parse_args(argv)
     if args.quick:
