@@ -16,12 +16,12 @@ through the decoder, their outputs thrown away.
   computed once per line, the beams of a line attending to them together (their queries
   side by side: one matrix product per line, not one per beam); nothing is reordered but
   the self-attention cache;
-- the lines that are finished left out of the decoder's batch: once a line can no longer
-  change (beam search: the line is done by generate's own rule, which adds -1e9 to all of
-  its later candidates; greedy: the line has produced `</s>`, after which generate pads
-  it), its rows get zero logits instead of a forward pass. Taking a line out means
-  copying the keys, values and cache of those that remain, so it is done when a quarter
-  of the batch is finished, not for every line.
+- the lines that are finished left out of the decoder's batch: a line that can no longer
+  change (beam search: done by generate's own rule, which adds -1e9 to all of its later
+  candidates; greedy: it has produced `</s>`, after which generate pads it) gets zero
+  logits instead of a forward pass. Taking lines out means copying the keys, values and
+  cache of those that remain, so it is done each time a quarter of the batch is finished;
+  until then finished lines stay in the batch.
 Both loops evaluate through it (OcrTrainer.prediction_step, run_trocr_no_trainer.generate_predictions);
 `generating_per_line` also gives the trainer's evaluation loss the encoder output of generation.
 """
