@@ -15,7 +15,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from trocr_recipe.args import parse_recipe
 from trocr_recipe.metrics import GeneratedTextMetrics
-from trocr_recipe.outputs import LossLog, finish_run, log_scores, write_split_report, write_training_curves
+from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.trainer import OcrTrainer, restore_starting_model
 
@@ -92,7 +92,7 @@ def main(argv=None):
     run, checkpoint, report = start_run(model_args, data_args, training_args)
     if report is not None:
         return report
-    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
+    model, processor, inputs, references = run.model, run.processor, run.inputs, run.references
 
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
     metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])
@@ -141,13 +141,10 @@ def main(argv=None):
     for role, enabled in (("validation", training_args.do_eval), ("test", training_args.do_predict)):
         if not enabled:
             continue
-        prefix = RESULT_PREFIX[role]
-        scores, predictions = evaluate_split(trainer, metrics, inputs[role], references[role], prefix)
+        scores, predictions = evaluate_split(trainer, metrics, inputs[role], references[role], RESULT_PREFIX[role])
         results.update(scores)
-        if trainer.is_world_process_zero():
-            images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
-            write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
-        log_scores(role, prefix, scores, references[role], predictions, run.skipped[role])
+        run.report_split(role, scores, predictions, training_args.output_dir, data_args.image_column,
+                         trainer.is_world_process_zero())
 
     # 6. Results, model card, processor and generation config beside the model; the Hub.
     if trainer.is_world_process_zero():

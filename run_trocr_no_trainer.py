@@ -40,14 +40,7 @@ from trocr_recipe.args import parse_recipe
 from trocr_recipe.generation import generate
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
-from trocr_recipe.outputs import (
-    LossLog,
-    StepLog,
-    finish_run,
-    log_scores,
-    write_split_report,
-    write_training_curves,
-)
+from trocr_recipe.outputs import LossLog, StepLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.trainer import load_checkpoint_weights, restore_starting_model
 
@@ -485,7 +478,7 @@ def main(argv=None):
     run, checkpoint, report = start_run(model_args, data_args, training_args, COMPLETE, seed)
     if report is not None:
         return report
-    model, processor, inputs, references, ids = run.model, run.processor, run.inputs, run.references, run.ids
+    model, processor, inputs, references = run.model, run.processor, run.inputs, run.references
     # Trainer: seeds again in its __init__, after the model is loaded and before anything
     # draws from the random generators, and sets `use_cache` from the arguments.
     seed(training_args.seed)
@@ -578,13 +571,11 @@ def main(argv=None):
     for role, enabled in (("validation", training_args.do_eval), ("test", training_args.do_predict)):
         if not enabled:
             continue
-        prefix = RESULT_PREFIX[role]
-        scores, predictions = score(accelerator, model, loaders[role], tokenizer, training_args, references[role], prefix)
+        scores, predictions = score(accelerator, model, loaders[role], tokenizer, training_args, references[role],
+                                    RESULT_PREFIX[role])
         results.update(scores)
-        if accelerator.is_main_process:
-            images = inputs[role].with_format(None)[data_args.image_column]  # raw images, not transformed
-            write_split_report(training_args.output_dir, role, ids[role], references[role], predictions, images)
-        log_scores(role, prefix, scores, references[role], predictions, run.skipped[role])
+        run.report_split(role, scores, predictions, training_args.output_dir, data_args.image_column,
+                         accelerator.is_main_process)
 
     # 7. Results and model card; the Hub.
     if accelerator.is_main_process:

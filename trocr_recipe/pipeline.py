@@ -17,6 +17,7 @@ from .data import (
     OcrCollator, line_ids, load_splits, longest_label, normalize_on_device, tokenize_splits, with_image_transforms,
 )
 from .modeling import configure_generation, load_model, load_processor
+from .outputs import log_scores, write_split_report
 from .validate import check_splits
 
 logger = logging.getLogger("trocr_recipe")
@@ -42,6 +43,15 @@ class RunInputs:
         results = {f"{role}_truncated_labels": count for role, count in self.truncated.items()}
         results.update({f"{RESULT_PREFIX[role]}_skipped_lines": count for role, count in self.skipped.items()})
         return results
+
+    def report_split(self, role: str, scores: dict, predictions: list[str], output_dir: str, image_column: str,
+                     main_process: bool) -> None:
+        """A split's final scores, the same in both loops: its predictions file and report
+        (main process only), then its CER and WER logged with the lines the data check skipped."""
+        if main_process:
+            images = self.inputs[role].with_format(None)[image_column]  # raw images, not transformed
+            write_split_report(output_dir, role, self.ids[role], self.references[role], predictions, images)
+        log_scores(role, RESULT_PREFIX[role], scores, self.references[role], predictions, self.skipped[role])
 
 
 def setup_logging(training_args) -> None:
