@@ -53,11 +53,12 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_from_
 from datasets import Image as ImageFeature  # noqa: E402
 from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
 from transformers import (  # noqa: E402
-    LogitsProcessor, LogitsProcessorList, TrOCRConfig, ViTConfig,
+    LogitsProcessor, LogitsProcessorList, ViTConfig,
     VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
 )
 
 from make_tiny_model import build_model as build_tiny_model  # noqa: E402
+from make_tiny_model import decoder_config  # noqa: E402
 from make_tiny_model import parse_args as parse_tiny_model_args  # noqa: E402
 from make_tiny_model import train_tokenizer  # noqa: E402
 from run_trocr_no_trainer import generate_predictions  # noqa: E402
@@ -73,14 +74,8 @@ def build_small(tokenizer, args) -> VisionEncoderDecoderModel:
         num_hidden_layers=args.encoder_layers, num_attention_heads=args.encoder_heads,
         intermediate_size=4 * args.encoder_hidden, qkv_bias=True,
     )
-    decoder = TrOCRConfig(
-        vocab_size=max(args.vocab_size, len(tokenizer)), d_model=args.decoder_hidden,
-        decoder_layers=args.decoder_layers, decoder_attention_heads=args.decoder_heads,
-        decoder_ffn_dim=4 * args.decoder_hidden, max_position_embeddings=512, activation_function="gelu",
-        use_learned_position_embeddings=True, layernorm_embedding=True, scale_embedding=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-    )
+    decoder = decoder_config(tokenizer, args.decoder_hidden, args.decoder_layers, args.decoder_heads, 512,
+                             vocab_size=args.vocab_size)
     torch.manual_seed(args.seed)
     return VisionEncoderDecoderModel(config=VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
 

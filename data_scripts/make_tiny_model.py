@@ -55,6 +55,30 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
+def decoder_config(tokenizer, width: int, layers: int, heads: int, max_positions: int, vocab_size: int = 0,
+                   **kwargs) -> TrOCRConfig:
+    """A decoder shaped as TrOCR's (learned positions, layer norm on the embeddings, GELU,
+    `</s>` as the start token) with the tokenizer's special tokens; the vocabulary is the
+    tokenizer's unless `vocab_size` is larger."""
+    return TrOCRConfig(
+        vocab_size=max(vocab_size, len(tokenizer)),
+        d_model=width,
+        decoder_layers=layers,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=4 * width,
+        max_position_embeddings=max_positions,
+        activation_function="gelu",
+        use_learned_position_embeddings=True,
+        layernorm_embedding=True,
+        scale_embedding=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+
+
 def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
     encoder = ViTConfig(
         image_size=[args.height, args.width],
@@ -66,22 +90,8 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
         qkv_bias=True,
         initializer_range=args.init_std,
     )
-    decoder = TrOCRConfig(
-        vocab_size=len(tokenizer),
-        d_model=args.hidden_size,
-        decoder_layers=args.decoder_layers,
-        decoder_attention_heads=args.heads,
-        decoder_ffn_dim=4 * args.hidden_size,
-        max_position_embeddings=args.max_positions,
-        activation_function="gelu",
-        use_learned_position_embeddings=True,
-        layernorm_embedding=True,
-        scale_embedding=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-        init_std=args.init_std,
+    decoder = decoder_config(
+        tokenizer, args.hidden_size, args.decoder_layers, args.heads, args.max_positions, init_std=args.init_std
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     torch.manual_seed(args.seed)
