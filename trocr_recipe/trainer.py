@@ -52,8 +52,8 @@ class OcrTrainer(Seq2SeqTrainer):
 
     Speed, the same results: generation computes what the beams of a line share once per
     line and leaves finished lines out of the batch, and the evaluation loss reuses the
-    encoder output of generation (see prediction_step); and the per-step FLOP count does not walk the model's
-    modules (see floating_point_ops).
+    encoder output of generation (see prediction_step); the per-step FLOP count does not
+    walk the model's modules (see floating_point_ops).
 
     Checkpoints: resume and best-model loading go through `from_pretrained` for plain
     (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines.
