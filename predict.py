@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from trocr_recipe.args import ModelArguments
-from trocr_recipe.augment import resize_to_tensor, to_rgb
+from trocr_recipe.augment import resize_to_tensor, to_gray_or_rgb
 from trocr_recipe.data import OcrCollator, image_size, line_ids
 from trocr_recipe.generation import generate
 from trocr_recipe.metrics import decode
@@ -95,9 +95,11 @@ def dataset_images(path: str, split: str, image_column: str, id_column: str) -> 
 
 
 def load_pixels(source, size: tuple[int, int]) -> torch.Tensor:
-    """The evaluation transform of the recipe: any mode to RGB, bicubic resize, uint8."""
+    """The evaluation transform of the recipe (data.ImageTransform without augmentation):
+    any mode to one grayscale channel or RGB, bicubic resize, uint8; the collator spreads a
+    gray line over three channels, the batch of its RGB copy."""
     with Image.open(source) as image:
-        return resize_to_tensor(to_rgb(image), size)
+        return resize_to_tensor(to_gray_or_rgb(image), size)
 
 
 def read_images(names: list[str], sources: Iterable, size, progress: tqdm, skipped: list):
