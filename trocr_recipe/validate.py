@@ -25,7 +25,7 @@ from datasets import Value
 from datasets.fingerprint import Hasher
 from PIL import Image
 
-from .augment import SIXTEEN_BIT, to_rgb
+from .augment import SIXTEEN_BIT, to_gray_or_rgb
 from .data import encode_labels, line_ids
 
 logger = logging.getLogger("trocr_recipe")
@@ -95,7 +95,7 @@ class LineCheck:
                 if size:
                     return "bad_image_size", size
                 image.load()
-                to_rgb(image)  # the data path's first step: every mode it cannot convert is bad too
+                to_gray_or_rgb(image)  # the data path's first step: every mode it cannot convert is bad too
         except Exception as error:  # whatever PIL raises on a broken file, the data path would raise as well
             return "undecodable_image", f"{type(error).__name__}: {error}"
         return ("converted_image", LOSSY_MODES[image.mode]) if image.mode in LOSSY_MODES else None
