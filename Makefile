@@ -4,16 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo tiny test clean
+# torch is installed first, pinned: on a machine without it, an unpinned one pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+LATEST := .venv-latest
+
+.PHONY: setup demo tiny test test-latest lock clean
 
 setup: $(VENV)/.installed
 
-# torch first, pinned: on a machine without torch, an unpinned one pulls a multi-GB CUDA build.
-$(VENV)/.installed: requirements.txt
+# The tested versions: every package exact, from requirements.lock (`make lock` writes it).
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 data/synthetic/dataset_dict.json: data_scripts/make_synthetic.py | setup
@@ -39,6 +44,25 @@ tiny: models/tiny/config.json
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# The newest releases requirements.txt allows, upgraded at every call, in an environment of their own.
+test-latest:
+	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/pip install --quiet $(TORCH)
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -r requirements.txt
+	$(LATEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(LATEST)/bin/python -c "import torch, transformers, accelerate, datasets; print('latest:', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, datasets)))"
+	$(LATEST)/bin/python -m pytest tests
+
+# Rewrites requirements.lock: the newest versions in range, less what requirements.lock.in holds back.
+# torch is left out (it is installed first, CPU or CUDA build as the machine needs).
+lock:
+	@test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv)
+	printf 'torch\n' > .lock-excludes.txt
+	.venv-lock/bin/uv pip compile requirements.txt -c requirements.lock.in --excludes .lock-excludes.txt \
+		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
+	rm -f .lock-excludes.txt
 
 clean:
 	rm -rf runs data/tiny data/synthetic models/tiny models/demo
