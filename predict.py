@@ -139,7 +139,7 @@ def load_for_inference(name: str):
     """Model and processor as the recipe loads them (special tokens set on both configs)."""
     model_args = ModelArguments(model_name_or_path=name)
     processor = load_processor(model_args)
-    model = load_model(model_args, processor.tokenizer)
+    model, _ = load_model(model_args, processor.tokenizer)  # each change to the checkpoint is logged
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
 
 

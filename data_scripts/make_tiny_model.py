@@ -94,6 +94,10 @@ def build_model(tokenizer, args) -> VisionEncoderDecoderModel:
         tokenizer, args.hidden_size, args.decoder_layers, args.heads, args.max_positions, init_std=args.init_std
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    # On the top-level config too, as the Hub's TrOCR checkpoints have them: a plain
+    # `model(pixel_values=..., labels=...)` shifts labels with these.
+    config.decoder_start_token_id, config.eos_token_id = tokenizer.eos_token_id, tokenizer.eos_token_id
+    config.pad_token_id, config.vocab_size = tokenizer.pad_token_id, decoder.vocab_size
     torch.manual_seed(args.seed)
     model = VisionEncoderDecoderModel(config=config)
     embeddings = model.encoder.embeddings

@@ -128,3 +128,24 @@ def test_dataset_split_gives_one_row_per_line_with_ids(reading_model, tiny_data,
 def test_inputs_or_dataset_is_required(reading_model):
     with pytest.raises(SystemExit):
         predict.parse_args([str(reading_model)])
+
+
+def test_a_checkpoint_starting_from_bos_is_corrected_with_a_log_line(tiny_model, tmp_path, caplog):
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # <s>
+    model.save_pretrained(tmp_path / "bos_start")
+    TrOCRProcessor.from_pretrained(tiny_model).save_pretrained(tmp_path / "bos_start")
+    with caplog.at_level("WARNING", logger="trocr_recipe"):
+        loaded, _ = predict.load_for_inference(str(tmp_path / "bos_start"))
+    assert loaded.generation_config.decoder_start_token_id == 2
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "model.generation_config.decoder_start_token_id 0 -> 2" in logged
+
+
+def test_a_plain_forward_with_labels_works_on_the_tiny_model(tiny_model, processor):
+    """The top-level config carries the special tokens, as the Hub's TrOCR checkpoints do."""
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    pixel_values = processor(images=Image.new("RGB", (200, 32), "white"), return_tensors="pt").pixel_values
+    labels = torch.tensor([[5, 6, 7, processor.tokenizer.eos_token_id]])
+    loss = model(pixel_values=pixel_values, labels=labels).loss
+    assert torch.isfinite(loss) and loss > 0

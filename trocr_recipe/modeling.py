@@ -1,10 +1,26 @@
 """Model and processor loading, special tokens on both configs, and the generation config."""
 
+import logging
 import math
 
 import torch
 from PIL import Image
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+
+logger = logging.getLogger("trocr_recipe")
+
+_RESAMPLE_NAMES = {int(value): value.name.lower() for value in Image.Resampling}
+
+
+def change_setting(config, where: str, key: str, value, why: str, level: int = logging.WARNING) -> str | None:
+    """Sets `config.key = value`; a change is logged as `where.key old -> new (why)` and returned."""
+    old = getattr(config, key, None)
+    setattr(config, key, value)
+    if old == value:
+        return None
+    change = f"{where}.{key} {old} -> {value} ({why})"
+    logger.log(level, "Changed %s", change)
+    return change
 
 
 def _source(model_args) -> dict:
@@ -20,14 +36,18 @@ def load_processor(model_args) -> TrOCRProcessor:
     processor = TrOCRProcessor.from_pretrained(
         model_args.processor_name_or_path or model_args.model_name_or_path, **_source(model_args)
     )
-    # The paper resizes bicubic, and so does the data path; the released checkpoints'
-    # processor configs say bilinear. The saved processor must say what training did.
-    processor.image_processor.resample = Image.BICUBIC
+    # The released checkpoints' processor configs say bilinear; the saved processor must say what training did.
+    old = processor.image_processor.resample
+    if old != Image.BICUBIC:
+        processor.image_processor.resample = Image.BICUBIC
+        logger.warning("Changed image_processor.resample %s -> bicubic (the paper resized bicubic, and so does the "
+                       "data path)", _RESAMPLE_NAMES.get(old, old))
     return processor
 
 
-def load_model(model_args, tokenizer) -> VisionEncoderDecoderModel:
-    """Weights from model.safetensors only, unless allow_pickle_weights: a pickle can run code."""
+def load_model(model_args, tokenizer) -> tuple[VisionEncoderDecoderModel, list[str]]:
+    """Weights from model.safetensors only, unless allow_pickle_weights: a pickle can run code.
+    Returns the model and the special-token settings of the checkpoint it changed."""
     try:
         model = VisionEncoderDecoderModel.from_pretrained(
             model_args.model_name_or_path,
@@ -41,18 +61,29 @@ def load_model(model_args, tokenizer) -> VisionEncoderDecoderModel:
             f"{model_args.model_name_or_path}: no model.safetensors ({error}). Only safetensors weights are loaded "
             "by default; --allow_pickle_weights also loads pytorch_model.bin."
         ) from None
-    set_special_tokens(model, tokenizer)
-    return model
+    return model, set_special_tokens(model, tokenizer)
 
 
-def set_special_tokens(model, tokenizer) -> None:
-    """The pretrained TrOCR decoder starts from `</s>`, not `<s>`. Generation reads
-    `generation_config`, the loss's label shift reads `config`: both must agree."""
-    for config in (model.config, model.generation_config):
-        config.decoder_start_token_id = tokenizer.eos_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-    model.config.vocab_size = model.config.decoder.vocab_size
+SPECIAL_TOKENS_WHY = {
+    "decoder_start_token_id": "the pretrained TrOCR decoder starts from </s>, not <s>",
+    "eos_token_id": "lines end with </s>",
+    "pad_token_id": "the tokenizer's pad id",
+}
+
+
+def set_special_tokens(model, tokenizer) -> list[str]:
+    """Decoder start and end `</s>`, pad the tokenizer's, on `config` (the loss's label shift
+    reads it) and `generation_config` (generate reads it). Returns the changes, each logged."""
+    values = {"decoder_start_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    changes = [
+        change_setting(config, where, key, value, SPECIAL_TOKENS_WHY[key])
+        for where, config in (("model.config", model.config), ("model.generation_config", model.generation_config))
+        for key, value in values.items()
+    ]
+    changes.append(change_setting(model.config, "model.config", "vocab_size", model.config.decoder.vocab_size,
+                                  "the decoder's vocabulary", logging.INFO))
+    return [change for change in changes if change]
 
 
 def generation_max_length(longest_label: int) -> int:
@@ -69,12 +100,15 @@ def configure_generation(model, training_args, longest_label: int) -> None:
         training_args.generation_max_length = generation_max_length(longest_label)
     if training_args.generation_num_beams is None:
         training_args.generation_num_beams = model.generation_config.num_beams or 1
-    config = model.generation_config
-    config.max_length = training_args.generation_max_length
-    config.num_beams = training_args.generation_num_beams
-    config.length_penalty = 1.0
-    config.no_repeat_ngram_size = 0
-    config.early_stopping = config.num_beams > 1
+    config, where = model.generation_config, "model.generation_config"
+    for key, value, why in (
+        ("max_length", training_args.generation_max_length, "the longest label of the data, plus a margin"),
+        ("num_beams", training_args.generation_num_beams, "generation_num_beams of the run"),
+        ("length_penalty", 1.0, "beam search as the paper decoded"),
+        ("no_repeat_ngram_size", 0, "the paper blocked no n-gram"),
+        ("early_stopping", training_args.generation_num_beams > 1, "a line's beam search ends when its beams have"),
+    ):
+        change_setting(config, where, key, value, why, logging.INFO)
 
 
 def token_loss(logits, labels, num_items_in_batch=None):

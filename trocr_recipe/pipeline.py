@@ -36,6 +36,7 @@ class RunInputs:
     truncated: dict[str, int]  # labels cut to max_target_length, per split
     skipped: dict[str, int]  # lines the data check skipped, per split (named in data_report.json)
     collator: OcrCollator
+    corrections: list[str]  # the checkpoint's special-token settings changed on loading, `key old -> new (why)`
 
     def data_results(self) -> dict:
         """What the data path changed, for all_results.json: truncated labels and skipped
@@ -82,7 +83,7 @@ def prepare_run(model_args, data_args, training_args) -> RunInputs:
             logger.warning(
                 "%d %s labels longer than max_target_length=%d were truncated", count, role, data_args.max_target_length
             )
-    model = load_model(model_args, processor.tokenizer)
+    model, corrections = load_model(model_args, processor.tokenizer)
     collator = OcrCollator.from_image_processor(processor.image_processor)
     normalize_on_device(model, collator)  # batches from dataloader workers arrive as uint8
     configure_generation(model, training_args, longest_label(splits))
@@ -96,6 +97,7 @@ def prepare_run(model_args, data_args, training_args) -> RunInputs:
         truncated=truncated,
         skipped=skipped,
         collator=collator,
+        corrections=corrections,
     )
 
 
@@ -121,4 +123,11 @@ def start_run(model_args, data_args, training_args, marker: str = TRAINER_MARKER
         logger.info("Resuming from %s", checkpoint)
     seed(training_args.seed)
     run = prepare_run(model_args, data_args, training_args)
-    return run, checkpoint, run_preflight(run, model_args, data_args, training_args)
+    if data_args.preflight_only and run.corrections:
+        # The checks below see the corrected model: say what the checkpoint itself had.
+        print("The checkpoint as saved had settings the run corrected before the checks:")
+        print("\n".join(f"- {change}" for change in run.corrections))
+    report = run_preflight(run, model_args, data_args, training_args)
+    if report is not None:
+        report["checkpoint_corrections"] = run.corrections
+    return run, checkpoint, report
