@@ -34,7 +34,7 @@ from trocr_recipe.args import ModelArguments
 from trocr_recipe.augment import resize_to_tensor, to_gray_or_rgb
 from trocr_recipe.data import OcrCollator, image_size, line_ids
 from trocr_recipe.generation import generate
-from trocr_recipe.metrics import decode
+from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import load_model, load_processor
 from trocr_recipe.outputs import write_jsonl
 
@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split of --dataset to transcribe (default: test)")
     parser.add_argument("--image_column", default="image", help="column of --dataset holding the images")
     parser.add_argument("--id_column", default="id", help="column of --dataset naming each line; row index if absent")
+    parser.add_argument("--text_column", default="text", help="column of --dataset with the ground truth; when "
+                        "present, the split's corpus CER and WER are printed and each row gets its 'reference'")
     parser.add_argument("--output", help="write JSONL here ({'path' or 'id', 'prediction'} per image) instead of "
                         "path<TAB>text on stdout; skipped files go to <output>.skipped.json")
     parser.add_argument("--batch_size", type=int, default=16, help="images per generate call (default: 16)")
@@ -79,9 +81,9 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def dataset_images(path: str, split: str, image_column: str, id_column: str) -> tuple[list[str], Iterable]:
-    """Line ids and the undecoded images of one split, so that a corrupt image is skipped
-    like a bad file instead of failing the whole read."""
+def dataset_images(path: str, split: str, image_column: str, id_column: str, text_column: str):
+    """Line ids, the undecoded images of one split (a corrupt image is skipped like a bad
+    file instead of failing the whole read) and the ground truth by id, if the split has it."""
     raw = load_from_disk(path) if os.path.isfile(os.path.join(path, "dataset_dict.json")) else load_dataset(path)
     if split not in raw:
         raise SystemExit(f"{path}: no split '{split}'; it has: {', '.join(raw)}")
@@ -91,7 +93,17 @@ def dataset_images(path: str, split: str, image_column: str, id_column: str) -> 
         raise SystemExit(f"{path}: split '{split}' has no column '{image_column}'; its columns: {columns}")
     lines = lines.cast_column(image_column, ImageFeature(decode=False))
     sources = (io.BytesIO(cell["bytes"]) if cell["bytes"] else cell["path"] for cell in lines[image_column])
-    return line_ids(lines, id_column), sources
+    ids = line_ids(lines, id_column)
+    references = dict(zip(ids, lines[text_column])) if text_column in lines.column_names else None
+    return ids, sources, references
+
+
+def report_scores(rows: list[dict], skipped: int, split: str) -> str:
+    """The split's corpus CER and WER on the raw ground truth, as the runs score it."""
+    references, predictions = [row["reference"] for row in rows], [row["prediction"] for row in rows]
+    note = f", {skipped} unreadable line(s) not scored" if skipped else ""
+    return (f"{split}: CER {corpus_cer(references, predictions):.2f} WER {corpus_wer(references, predictions):.2f} "
+            f"on {len(rows)} line(s){note}")
 
 
 def load_pixels(source, size: tuple[int, int]) -> torch.Tensor:
@@ -160,8 +172,11 @@ def write_outputs(rows: list[dict], skipped: list[tuple[str, str]], key: str, ou
 def main(argv=None) -> int:
     args = parse_args(argv)
     key = "id" if args.dataset else "path"
+    references = None
     if args.dataset:
-        names, sources = dataset_images(args.dataset, args.split, args.image_column, args.id_column)
+        names, sources, references = dataset_images(
+            args.dataset, args.split, args.image_column, args.id_column, args.text_column
+        )
     else:
         names = sources = image_files(args.inputs)
     model, processor = load_for_inference(args.model)
@@ -172,9 +187,11 @@ def main(argv=None) -> int:
     with tqdm(total=len(names), unit="image", file=sys.stderr) as progress:
         images = read_images(names, sources, image_size(processor.image_processor), progress, skipped)
         for name, text in transcribe(model, processor, images, args.batch_size, **overrides):
-            rows.append({key: name, "prediction": text})
+            rows.append({key: name, "prediction": text} | ({"reference": references[name]} if references else {}))
             progress.update()
     write_outputs(rows, skipped, key, args.output)
+    if references and rows:
+        print(report_scores(rows, len(skipped), args.split), file=sys.stderr)
     if not rows:
         print("no image could be read", file=sys.stderr)
     return 0 if rows else 1

@@ -12,6 +12,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 import predict
 from trocr_recipe.augment import resize_to_tensor, to_rgb
 from trocr_recipe.data import OcrCollator, image_size
+from trocr_recipe.metrics import corpus_cer
 
 GENERATION = dict(num_beams=2, max_length=12, min_new_tokens=4)
 
@@ -114,14 +115,17 @@ def test_nothing_readable_exits_1(reading_model, line_folder, capsys):
     assert out == "" and "no image could be read" in err
 
 
-def test_dataset_split_gives_one_row_per_line_with_ids(reading_model, tiny_data, tmp_path):
+def test_dataset_split_gives_one_row_per_line_with_ids_and_its_cer(reading_model, tiny_data, tmp_path, capsys):
     output = tmp_path / "test.jsonl"
     argv = [str(reading_model), "--dataset", str(tiny_data), "--split", "test", "--output", str(output)]
     assert predict.main(argv) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     test = load_from_disk(str(tiny_data))["test"]
     assert [row["id"] for row in rows] == list(test["id"])
+    assert [row["reference"] for row in rows] == list(test["text"])
     assert all(isinstance(row["prediction"], str) for row in rows)
+    cer = corpus_cer(list(test["text"]), [row["prediction"] for row in rows])
+    assert f"test: CER {cer:.2f} WER " in capsys.readouterr().err
     assert json.loads((tmp_path / "test.jsonl.skipped.json").read_text())["count"] == 0
 
 
