@@ -202,3 +202,9 @@ def test_a_checkpoint_already_right_is_not_reported_as_changed(tiny_args, caplog
         results = run_trocr.main(tiny_args + ["--preflight_only"])
     assert not any("_token_id" in change for change in results["checkpoint_corrections"])
     assert not any("decoder_start_token_id" in record.getMessage() for record in caplog.records)
+
+
+def test_the_tiny_recipe_without_make_tiny_says_to_run_it(tiny_args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no models/tiny here
+    with pytest.raises(SystemExit, match=r"models/tiny: no such local folder.*Run `make tiny` first"):
+        run_trocr.main(tiny_args + ["--model_name_or_path", "models/tiny"])

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import os
 
 import torch
 from PIL import Image
@@ -31,11 +32,21 @@ def _source(model_args) -> dict:
     )
 
 
+# The local models the Makefile builds, and the command that builds each.
+BUILT_BY_MAKE = {"models/tiny": "make tiny", "models/demo": "make demo"}
+
+
 def load_processor(model_args) -> TrOCRProcessor:
     """From a Hub id or a local folder; the checkpoint's own processor by default."""
-    processor = TrOCRProcessor.from_pretrained(
-        model_args.processor_name_or_path or model_args.model_name_or_path, **_source(model_args)
-    )
+    name = model_args.processor_name_or_path or model_args.model_name_or_path
+    try:
+        processor = TrOCRProcessor.from_pretrained(name, **_source(model_args))
+    except OSError as error:
+        if os.path.isdir(name):
+            raise
+        build = BUILT_BY_MAKE.get(os.path.normpath(name))
+        hint = f" Run `{build}` first: it builds {name}." if build else ""
+        raise SystemExit(f"{name}: no such local folder, and not loadable as a Hub id ({error}).{hint}") from None
     # The released checkpoints' processor configs say bilinear; the saved processor must say what training did.
     old = processor.image_processor.resample
     if old != Image.BICUBIC:
