@@ -6,11 +6,28 @@ of CPU steps (the decoder learns to guess the words and the image gives it too w
 to learn where to look), while with CTC it reads within a few hundred steps, and the decoder
 then learns to attend from the first steps."""
 
+from functools import partial
+
 import jiwer
 import torch
 from tqdm import tqdm
 
 BLANK = 0
+
+
+def line_pixels(split, image_column: str, image_processor, rows: list[int] | None = None) -> torch.Tensor:
+    """The processor's pixel values of some lines of a split (all of them without `rows`)."""
+    lines = split if rows is None else split.select(rows)
+    return image_processor(images=[image.convert("RGB") for image in lines[image_column]], return_tensors="pt").pixel_values
+
+
+def streamed_batches(split, image_column: str, image_processor, rows: torch.Tensor):
+    """Each row of `rows` (line indices) as a batch of pixel values, decoded by one worker
+    while the model trains on the previous batch: the training images are never all in memory."""
+    return torch.utils.data.DataLoader(
+        range(len(split)), batch_sampler=rows.tolist(), num_workers=1, prefetch_factor=4,
+        collate_fn=partial(line_pixels, split, image_column, image_processor),
+    )
 
 
 def ctc_targets(texts: list[str]) -> tuple[list[str], list[torch.Tensor]]:
@@ -31,15 +48,9 @@ def greedy_decode(log_probs: torch.Tensor, alphabet: list[str]) -> list[str]:
 def pretrain_encoder(encoder, image_processor, train, validation, text_column: str, image_column: str, steps: int,
                      batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0) -> float:
     """Trains `encoder` in place; returns the CTC head's CER (%) on `validation`."""
-
-    def pixels(split):
-        images = [image.convert("RGB") for image in split[image_column]]
-        return image_processor(images=images, return_tensors="pt").pixel_values
-
     texts = list(train[text_column])
     alphabet, targets = ctc_targets(texts)
     known = set(alphabet)
-    train_pixels = pixels(train)
     head = torch.nn.Linear(encoder.config.hidden_size, len(alphabet) + 1)
     optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=learning_rate)
     ctc = torch.nn.CTCLoss(blank=BLANK, zero_infinity=True)  # a line longer than the patches: no loss
@@ -48,12 +59,12 @@ def pretrain_encoder(encoder, image_processor, train, validation, text_column: s
         hidden = encoder(pixel_values=batch_pixels).last_hidden_state[:, 1:]  # the patches, not [CLS]
         return head(hidden).log_softmax(-1)
 
-    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(len(texts), (steps, batch_size), generator=torch.Generator().manual_seed(seed))
+    batches = streamed_batches(train, image_column, image_processor, rows)
     encoder.train()
-    progress = tqdm(range(steps), desc="Pretraining the encoder with CTC", unit="step")
-    for _ in progress:
-        batch = torch.randint(len(texts), (batch_size,), generator=generator).tolist()
-        scores = log_probs(train_pixels[batch])
+    progress = tqdm(zip(rows.tolist(), batches), total=steps, desc="Pretraining the encoder with CTC", unit="step")
+    for batch, batch_pixels in progress:
+        scores = log_probs(batch_pixels)
         labels = [targets[row] for row in batch]
         loss = ctc(
             scores.transpose(0, 1),
@@ -69,7 +80,7 @@ def pretrain_encoder(encoder, image_processor, train, validation, text_column: s
     encoder.eval()
     references = list(validation[text_column])
     with torch.no_grad():
-        predictions = greedy_decode(log_probs(pixels(validation)), alphabet)
+        predictions = greedy_decode(log_probs(line_pixels(validation, image_column, image_processor)), alphabet)
     unseen = set("".join(references)) - known
     if unseen:
         print(f"validation characters never seen in training (unreadable by the CTC head): {sorted(unseen)}")

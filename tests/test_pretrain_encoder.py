@@ -39,3 +39,17 @@ def test_pretraining_changes_only_the_encoder_and_the_model_still_loads(tiny_dat
     image = load_from_disk(str(tiny_data))["test"][0]["image"].convert("RGB")
     generated = pretrained.generate(processor(images=image, return_tensors="pt").pixel_values, max_new_tokens=5)
     assert generated.shape[0] == 1 and not math.isnan(generated.float().sum().item())
+
+
+def test_streamed_batches_are_the_lines_drawn_decoded_as_the_processor_does(tiny_data):
+    from pretrain_encoder import line_pixels, streamed_batches
+
+    train = load_from_disk(str(tiny_data))["train"]
+    image_processor = make_tiny_model.ViTImageProcessor(size={"height": 32, "width": 128}, image_mean=[0.5] * 3,
+                                                         image_std=[0.5] * 3)
+    rows = torch.tensor([[3, 0, 5], [7, 7, 1]])
+    batches = list(streamed_batches(train, "image", image_processor, rows))
+    assert len(batches) == 2 and batches[0].shape == (3, 3, 32, 128)
+    for batch, drawn in zip(batches, rows.tolist()):
+        whole = line_pixels(train, "image", image_processor)  # every line, at once
+        assert torch.equal(batch, whole[drawn])
