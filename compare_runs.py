@@ -17,7 +17,14 @@ step (not per micro-batch), each step once:
     {"step": 1, "loss": 6.0315, "learning_rate": 0.0, "epoch": 0.008}
 
 `step` is an integer, `loss` the step's mean token loss, `learning_rate` (optional, may be
-null) the rate the step used, `epoch` optional. Steps are matched by number.
+null) the rate the step used, `epoch` and `grad_norm` (before clipping) optional. Steps are
+matched by number.
+
+When the reference run holds a trace (`run_trocr.py RECIPE --trace_steps N`, replayed by the
+other loop through trocr_recipe.steptrace.ReferenceBatches), the report ends with the likely
+CAUSE at the first parting step: the loss (step 1, matched against the usual loss mistakes
+computed on the trace's first batch), the optimizer (a later step), or decoding / the metric
+(losses agree, CER does not). See docs/step_comparison.md.
 
 Exit code: 0 when the runs agree within the tolerances; 1 when they differ (the loss or
 learning rate parts beyond --loss_rtol, the steps logged differ, or a CER / WER, final or
@@ -30,13 +37,16 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trocr_recipe.outputs import LOSS_LOG, RESULTS, read_jsonl
+
+TRACE = "trace"  # a trace run's folder of batches and settings (trocr_recipe.steptrace)
+DOCS = "docs/step_comparison.md"
 
 EVAL_LOG = "eval_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
@@ -60,6 +70,17 @@ class Run:
     eval_source: str | None  # the file the CER curve came from
     results: dict  # all_results.json, empty if absent
     predictions: dict[str, dict[str, dict]]  # split -> line id -> row
+    grad_norms: dict[int, float] = field(default_factory=dict)  # before clipping, when logged
+    trace: Path | None = None  # the run's trace folder, when it wrote one
+
+
+@dataclass
+class Cause:
+    """The likely cause of the first difference, for the report's last line."""
+
+    step: int | None
+    kind: str  # "loss", "optimizer", "decoding", "steps", "learning rate log", "no trace"
+    text: str
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,13 +141,35 @@ def read_step_values(path: Path, key: str, max_steps: int | None) -> tuple[dict[
     return values, rows
 
 
-def read_loss_log(path: Path, max_steps: int | None) -> tuple[dict[int, float], dict[int, float]]:
+def read_loss_log(path: Path, max_steps: int | None) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    """Losses, learning rates and gradient norms by step (the last two where logged)."""
     losses, rows = read_step_values(path, "loss", max_steps)
     if not losses:
         raise BadInput(f"{path}: no steps" + (f" up to --max_steps {max_steps}" if max_steps is not None else ""))
     # The reference loop logs null when the scheduler gave no rate: compare where both have one.
     rates = {step: float(row["learning_rate"]) for step, row in rows.items() if _is_number(row.get("learning_rate"))}
-    return losses, rates
+    norms = {step: float(row["grad_norm"]) for step, row in rows.items() if _is_number(row.get("grad_norm"))}
+    return losses, rates, norms
+
+
+def read_trace(folder: Path, max_steps: int | None) -> tuple[Path | None, dict[int, float]]:
+    """The run's trace folder, if any, and the gradient norms it recorded."""
+    trace = folder / TRACE
+    if not (trace / "settings.json").is_file():
+        return None, {}
+    from trocr_recipe.steptrace import read_settings
+
+    try:
+        read_settings(trace)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    steps = read_rows(trace / "steps.jsonl") if (trace / "steps.jsonl").is_file() else []
+    norms = {
+        row["step"]: float(row["grad_norm"]) for _, row in steps
+        if isinstance(row.get("step"), int) and _is_number(row.get("grad_norm"))
+        and (max_steps is None or row["step"] <= max_steps)
+    }
+    return trace, norms
 
 
 def latest_trainer_state(folder: Path) -> Path | None:
@@ -185,15 +228,17 @@ def load_run(path: str, label: str, max_steps: int | None) -> Run:
             raise BadInput(f"{path}: no {LOSS_LOG} (see the format in `python compare_runs.py --help`)")
     else:
         raise BadInput(f"{path}: no such file or folder")
-    losses, rates = read_loss_log(loss_log, max_steps)
+    losses, rates, norms = read_loss_log(loss_log, max_steps)
     if folder is None:
-        return Run(label, run_name(path), path, losses, rates, {}, None, {}, {})
+        return Run(label, run_name(path), path, losses, rates, {}, None, {}, {}, norms)
+    trace, trace_norms = read_trace(folder, max_steps)
     eval_cer, eval_source = read_eval_curve(folder, max_steps)
     results = read_json(folder / RESULTS) if (folder / RESULTS).is_file() else {}
     predictions = {
         p.stem.removeprefix("predictions_"): read_predictions(p) for p in sorted(folder.glob("predictions_*.jsonl"))
     }
-    return Run(label, run_name(path), path, losses, rates, eval_cer, eval_source, results, predictions)
+    return Run(label, run_name(path), path, losses, rates, eval_cer, eval_source, results, predictions,
+               {**trace_norms, **norms}, trace)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,6 +402,172 @@ def compare_predictions(a: Run, b: Run, top_lines: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# The likely cause of the first difference
+
+
+def find_cause(a: Run, b: Run, failures: list[str], rtol: float, cause_rtol: float) -> Cause | None:
+    """The likely cause, checked in the order a difference shows: the steps' numbering, the
+    step-1 loss, a later step (the optimizer), then validation CER with agreeing losses."""
+    if not failures:
+        return None
+    common = sorted(set(a.losses) & set(b.losses))
+    parting = first_parting(a.losses, b.losses, common, rtol) if common else None
+    if parting is None:
+        return logged_rate_cause(a, b, common, rtol) or decoding_cause(a, b, failures)
+    if 0 in b.losses and 1 in a.losses and relative_gap(b.losses[0], a.losses[1]) <= rtol:
+        return Cause(1, "steps", f"their steps are numbered from 0: their step 0 has the reference's step-1 loss "
+                                 f"({a.losses[1]:.6g}). Fix: log step = optimizer steps done, counting from 1.")
+    if a.trace is None:
+        return Cause(parting, "no trace", f"the loss parts at step {parting}. {a.path} has no {TRACE}/: write one with "
+                     "`run_trocr.py RECIPE --trace_steps 20` and replay it in your loop (ReferenceBatches), and "
+                     f"compare_runs.py names the cause ({DOCS}).")
+    if parting == 1:
+        return loss_cause(a, b, cause_rtol)
+    return optimizer_cause(a, b, parting, rtol)
+
+
+def loss_cause(a: Run, b: Run, cause_rtol: float) -> Cause:
+    """Step 1 parts with the same weights and batch: which loss computation gives their number."""
+    from transformers.utils import logging as hf_logging
+
+    from trocr_recipe.steptrace import step_loss_variants
+
+    theirs, reference = b.losses[1], a.losses[1]
+    hf_logging.disable_progress_bar()
+    try:
+        variants = step_loss_variants(a.trace)
+    except (OSError, ValueError, KeyError) as error:
+        return Cause(1, "loss", f"the loss or the inputs (their step-1 loss {theirs:.6g}, the reference's "
+                     f"{reference:.6g}); the loss variants could not be computed: {error}")
+    note = ""
+    if relative_gap(variants[0][1], reference) > cause_rtol:
+        note = (f" (Note: the starting weights now give {variants[0][1]:.6g}, not the trace's {reference:.6g}: "
+                "has the checkpoint changed since the trace?)")
+
+    def gap(variant):
+        return relative_gap(variant[1], theirs)
+
+    closest = min(variants, key=gap)
+    if closest is variants[0] or gap(closest) > cause_rtol:
+        name, value, _ = min(variants[1:], key=gap)
+        return Cause(1, "loss", f"the loss or the inputs. Their step-1 loss {theirs:.6g} matches none of the usual "
+                     f"loss mistakes (closest: '{name}' {value:.6g}); the reference's is {reference:.6g}. With the "
+                     "same weights and batch the step-1 loss must agree: feed ReferenceBatches unchanged, start from "
+                     "the settings' model_name_or_path with dropout off, and compute the settings' loss "
+                     f"({DOCS}).{note}")
+    name, value, fix = closest
+    # Variants this batch cannot tell apart from the closest (a barely trained model's losses lie close).
+    near = max(10 * gap(closest), 1e-6)
+    also = [f"'{n}' ({v:.6g})" for n, v, f in variants[1:] if n != name and gap((n, v, f)) <= near]
+    also_text = f" (on this batch as well as {', '.join(also)})" if also else ""
+    return Cause(1, "loss", f"the loss. Their step-1 loss {theirs:.6g} matches '{name}' ({value:.6g}){also_text}; "
+                 f"the reference's is {reference:.6g}. Fix: {fix}. See {DOCS}.{note}")
+
+
+def optimizer_cause(a: Run, b: Run, parting: int, rtol: float) -> Cause:
+    """Step 1 agrees, a later step parts: the learning rate, a scaled gradient, or the update."""
+    from trocr_recipe.steptrace import read_settings
+
+    settings = read_settings(a.trace)
+    head = f"the optimizer. The losses agree up to step {parting - 1} and part at step {parting}"
+    try:
+        text = rate_text(a, b, parting, rtol, settings) or scaled_gradient_text(a, b, parting, rtol, settings)
+        text = text or update_text(a, b, parting, rtol, settings)
+    except KeyError as error:
+        text = f"; {a.trace / 'settings.json'} lacks {error}, so the settings to compare cannot be named"
+    return Cause(parting, "optimizer", f"{head}{text}")
+
+
+def rate_text(a: Run, b: Run, parting: int, rtol: float, settings: dict) -> str | None:
+    """The first learning rate that differs before the loss parts (the rate of step s shows at s + 1)."""
+    steps = [s for s in sorted(set(a.learning_rates) & set(b.learning_rates)) if s < parting]
+    rate = first_parting(a.learning_rates, b.learning_rates, steps, rtol)
+    if rate is None:
+        return None
+    schedule = settings["schedule"]
+    return (f": their learning rate at step {rate} is {b.learning_rates[rate]:.6g}, the reference's "
+            f"{a.learning_rates[rate]:.6g}. Compare optimizer.lr {settings['optimizer']['lr']:g} and the schedule "
+            f"({schedule['name']}, warmup_steps {schedule['warmup_steps']}, total_steps {schedule['total_steps']}): "
+            f"the rate a step uses is read before scheduler.step(). See {DOCS}.")
+
+
+def first_norm_parting(a: Run, b: Run, parting: int, rtol: float) -> tuple[int | None, list[int]]:
+    """The first step before `parting` whose gradient norms differ, and the steps both logged."""
+    steps = [s for s in sorted(set(a.grad_norms) & set(b.grad_norms)) if s < parting]
+    return first_parting(a.grad_norms, b.grad_norms, steps, max(rtol, 1e-4)), steps
+
+
+def scaled_gradient_text(a: Run, b: Run, parting: int, rtol: float, settings: dict) -> str | None:
+    """Gradient norms that differ from the first step on, with the same loss: a scaled backward."""
+    norm, steps = first_norm_parting(a, b, parting, rtol)
+    if norm is None or norm != steps[0]:
+        return None
+    ratio = b.grad_norms[norm] / a.grad_norms[norm] if a.grad_norms[norm] else math.inf
+    return (f": at step {norm} their gradient norm is {ratio:.4g} x the reference's ({b.grad_norms[norm]:.6g} vs "
+            f"{a.grad_norms[norm]:.6g}) with the same loss: the loss they backpropagate is not the loss they log "
+            f"(divided by the accumulation steps, or scaled). Compare gradient_accumulation_steps "
+            f"{settings['gradient_accumulation_steps']}: the step's loss is divided by the label tokens of the whole "
+            f"step, once. See {DOCS}.")
+
+
+def update_text(a: Run, b: Run, parting: int, rtol: float, settings: dict) -> str:
+    """Same rates and gradients, a different update: clipping when the reference clipped, then
+    weight decay, betas, eps and the optimizer."""
+    norm, steps = first_norm_parting(a, b, parting, rtol)
+    update = norm - 1 if norm is not None else parting - 1
+    agree = "the learning rates agree" if any(s in b.learning_rates for s in a.learning_rates) else (
+        "the learning rates are not logged by both")
+    if norm is not None:
+        agree += f" and the gradient norms part first, at step {norm}"
+    limit = settings["max_grad_norm"]
+    clipped = [s for s in range(1, update + 1) if a.grad_norms.get(s, 0) > limit > 0]
+    if clipped:
+        clipping = (f"The reference clipped the gradients at step(s) {step_ranges(clipped)} (norm "
+                    f"{max(a.grad_norms[s] for s in clipped):.4g} > max_grad_norm {limit:g}): check clipping first, "
+                    f"torch.nn.utils.clip_grad_norm_(model.parameters(), {limit:g}) before optimizer.step(). ")
+    else:
+        clipping = f"The reference did not clip before step {update + 1} (max_grad_norm {limit:g}). "
+    adam = settings["optimizer"]
+    return (f"; {agree}, so an update up to step {update} differs (Adam hides a scaled gradient for a while). "
+            f"{clipping}Otherwise compare weight decay ({adam['weight_decay']:g}, none on the "
+            f"{len(settings['no_decay'])} no_decay parameters: biases and LayerNorm), betas {adam['betas']}, eps "
+            f"{adam['eps']:g} and the optimizer ({adam['name']}) with {a.trace / 'settings.json'}. See {DOCS}.")
+
+
+def logged_rate_cause(a: Run, b: Run, common: list[int], rtol: float) -> Cause | None:
+    """The losses agree but the logged rates do not: the rates used agree, the logging differs."""
+    steps = [s for s in common if s in a.learning_rates and s in b.learning_rates]
+    rate = first_parting(a.learning_rates, b.learning_rates, steps, rtol)
+    if rate is None:
+        return None
+    shifted = [s for s in steps if s + 1 in a.learning_rates]
+    if shifted and all(relative_gap(b.learning_rates[s], a.learning_rates[s + 1]) <= rtol for s in shifted):
+        detail = "their rate at each step is the reference's at the next step: it is read after scheduler.step()"
+    else:
+        detail = f"at step {rate} theirs is {b.learning_rates[rate]:.6g}, the reference's {a.learning_rates[rate]:.6g}"
+    return Cause(rate, "learning rate log", f"the learning rate as logged. The losses agree at every step, so the "
+                 f"rates used agree; {detail}. Fix: log the rate the step used, read before scheduler.step().")
+
+
+def decoding_cause(a: Run, b: Run, failures: list[str]) -> Cause | None:
+    """The losses agree while a CER or WER differs: the models train alike, they are scored differently."""
+    cer = [f for f in failures if "CER" in f or "_cer" in f or "_wer" in f]
+    if not cer:
+        return None
+    steps = sorted(set(a.eval_cer) & set(b.eval_cer))
+    step = next((s for s in steps if a.eval_cer[s] != b.eval_cer[s]), None)
+    return Cause(step, "decoding", f"decoding or the metric. The losses agree at every step, yet {cer[0]}: the "
+                 "models train alike and are scored differently. Compare generation (num_beams, max_length, "
+                 "decoder_start_token_id </s>, length_penalty, early_stopping) and the CER itself (generate-based, "
+                 f"not teacher-forced; corpus-level; on the raw references). See {DOCS}.")
+
+
+def print_cause(cause: Cause) -> None:
+    where = f" at step {cause.step}" if cause.step is not None else ""
+    print(f"\nCAUSE{where}: {cause.text}")
+
+
+# ---------------------------------------------------------------------------------------
 # Plot
 
 
@@ -425,6 +636,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="compare only steps <= N (loss and validation CER); final CER / WER are then shown but not judged",
     )
     parser.add_argument(
+        "--cause_rtol", type=float, default=1e-3,
+        help="with a trace: how close (relative) their step-1 loss must be to a loss variant to name it "
+        "(default %(default)g)",
+    )
+    parser.add_argument(
         "--plot", type=Path, default=None,
         help="where to write the PNG (default: compare_<A>_vs_<B>.png in the current folder)",
     )
@@ -450,6 +666,9 @@ def main(argv=None) -> int:
     print(f"\nPlot: {plot_path}")
     if failures:
         print("\nVerdict: the runs DIFFER (exit 1)\n" + "\n".join(f"  - {failure}" for failure in failures))
+        cause = find_cause(a, b, failures, args.loss_rtol, args.cause_rtol)
+        if cause is not None:
+            print_cause(cause)
         return 1
     print("\nVerdict: the runs agree within the tolerances (exit 0)")
     return 0

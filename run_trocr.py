@@ -17,6 +17,7 @@ from trocr_recipe.args import parse_recipe
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
+from trocr_recipe.steptrace import configure_trace_run
 from trocr_recipe.trainer import OcrTrainer, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
@@ -83,6 +84,8 @@ def main(argv=None):
     # console still shows the training logs every logging_steps of the recipe.
     console_logging_steps, training_args.logging_steps = training_args.logging_steps, 1
     setup_logging(training_args)
+    # --trace_steps N: N deterministic steps recorded in output_dir/trace (docs/step_comparison.md).
+    trace = configure_trace_run(model_args, data_args, training_args)
     logger.info("Training arguments %s", training_args)
 
     # 2. Resume from the last complete checkpoint in output_dir, if any (only a run of the
@@ -92,6 +95,8 @@ def main(argv=None):
     run, checkpoint, report = start_run(model_args, data_args, training_args)
     if report is not None:
         return report
+    if trace:
+        trace.prepare(run, checkpoint)
     model, processor, inputs, references = run.model, run.processor, run.inputs, run.references
 
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
@@ -104,7 +109,7 @@ def main(argv=None):
         processing_class=processor,
         data_collator=run.collator,
         compute_metrics=metrics,
-        callbacks=[LossLogCallback(training_args.output_dir)],
+        callbacks=[LossLogCallback(training_args.output_dir)] + ([trace] if trace else []),
     )
     for stock, every in ((ProgressCallback, ProgressEvery), (PrinterCallback, PrinterEvery)):
         if trainer.pop_callback(stock) is not None:

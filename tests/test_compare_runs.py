@@ -21,12 +21,16 @@ def write_jsonl(path, rows):
 
 
 def make_run(
-    folder, loss=None, rate=lambda s: 1e-5 * s, results=None, predictions=None, eval_log=None, trainer_state=None
+    folder, loss=None, rate=lambda s: 1e-5 * s, results=None, predictions=None, eval_log=None, trainer_state=None,
+    grad_norm=None,
 ):
-    """A run folder as run_trocr.py writes it; `eval_log` / `trainer_state` give the CER curve {step: cer}."""
+    """A run folder as run_trocr.py writes it; `eval_log` / `trainer_state` give the CER curve {step: cer},
+    `grad_norm` a gradient norm per step (as a foreign loop's StepLog writes it)."""
     folder.mkdir(parents=True)
     loss = losses() if loss is None else loss
     rows = [{"step": s, "loss": v, "learning_rate": rate(s), "epoch": s / 4} for s, v in loss.items()]
+    for row in rows if grad_norm else []:
+        row["grad_norm"] = grad_norm(row["step"])
     write_jsonl(folder / "loss_log.jsonl", rows)
     if results is not None:
         (folder / "all_results.json").write_text(json.dumps(results))
@@ -221,3 +225,116 @@ def test_relative_gap():
     assert compare_runs.relative_gap(math.nan, math.nan) == 0.0
     assert compare_runs.relative_gap(math.nan, 1.0) == math.inf
     assert compare_runs.relative_gap(math.inf, 1.0) == math.inf
+
+
+# ---------------------------------------------------------------------------------------
+# The cause, named after the verdict
+
+
+def fake_trace(folder, grad_norm=lambda s: 0.5, max_grad_norm=1.0):
+    """A trace's settings and per-step rows, without batches: what the optimizer's cause reads."""
+    trace = folder / "trace"
+    trace.mkdir()
+    settings = {
+        "format": 1, "model_name_or_path": "models/tiny",
+        "optimizer": {"name": "AdamW", "lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+        "param_groups": [{"weight_decay": 0.01, "params": ["w"]}, {"weight_decay": 0.0, "params": ["b", "ln.weight"]}],
+        "no_decay": ["b", "ln.weight"],
+        "schedule": {"name": "linear", "warmup_steps": 2, "total_steps": 12, "kwargs": {}},
+        "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 4,
+    }
+    (trace / "settings.json").write_text(json.dumps(settings))
+    rows = [{"step": s, "loss": v, "label_tokens": 40, "grad_norm": grad_norm(s), "learning_rate": 1e-5 * s,
+             "micro_batches": []} for s, v in losses().items()]
+    write_jsonl(trace / "steps.jsonl", rows)
+    return folder
+
+
+def cause(out):
+    return next(line for line in out.splitlines() if line.startswith("CAUSE"))
+
+
+def test_cause_a_learning_rate_that_differs_before_the_loss_parts(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"))
+    b = make_run(tmp_path / "b", loss=losses(part_at=5), rate=lambda s: 1e-5 * s * (2 if s >= 4 else 1))
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    text = cause(out)
+    assert text.startswith("CAUSE at step 5: the optimizer.") and "learning rate at step 4 is 8e-05" in text, text
+    assert "(linear, warmup_steps 2, total_steps 12)" in text
+
+
+def test_cause_gradients_scaled_with_the_same_loss(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"), grad_norm=lambda s: 0.5)
+    b = make_run(tmp_path / "b", loss=losses(part_at=3), grad_norm=lambda s: 0.125)
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    text = cause(out)
+    assert text.startswith("CAUSE at step 3: the optimizer.") and "gradient norm is 0.25 x the reference's" in text
+    assert "gradient_accumulation_steps 4" in text
+
+
+def test_cause_clipping_when_the_reference_clipped(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"), grad_norm=lambda s: 2.0)
+    b = make_run(tmp_path / "b", loss=losses(part_at=4), grad_norm=lambda s: 2.0)
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    text = cause(out)
+    assert text.startswith("CAUSE at step 4: the optimizer.") and "learning rates agree" in text
+    assert "The reference clipped the gradients at step(s) 1-3 (norm 2 > max_grad_norm 1)" in text
+    assert "weight decay (0.01, none on the 2 no_decay parameters" in text
+
+
+def test_cause_no_clipping_to_blame_below_max_grad_norm(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"), grad_norm=lambda s: 0.5)
+    b = make_run(tmp_path / "b", loss=losses(part_at=4))
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    assert "The reference did not clip before step 4 (max_grad_norm 1)" in cause(out)
+
+
+def test_cause_steps_numbered_from_zero(tmp_path, capsys):
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b", loss={s - 1: v for s, v in losses().items()})
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    assert cause(out).startswith("CAUSE at step 1: their steps are numbered from 0")
+
+
+def test_cause_without_a_trace_says_how_to_get_one(tmp_path, capsys):
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b", loss=losses(part_at=7))
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    assert cause(out).startswith("CAUSE at step 7: the loss parts at step 7.") and "--trace_steps" in cause(out)
+
+
+def test_cause_decoding_when_losses_agree_and_cer_does_not(tmp_path, capsys):
+    a = make_run(tmp_path / "a", results=RESULTS, trainer_state={4: 20.0, 8: 15.0})
+    b = make_run(tmp_path / "b", results={**RESULTS, "test_cer": 14.0}, eval_log={4: 20.0, 8: 16.0})
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    text = cause(out)
+    assert text.startswith("CAUSE at step 8: decoding or the metric.") and "num_beams" in text
+
+
+def test_cause_learning_rate_logged_after_the_scheduler_step(tmp_path, capsys):
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b", rate=lambda s: 1e-5 * (s + 1))
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    assert "read after scheduler.step()" in cause(out)
+
+
+def test_no_cause_when_the_runs_agree(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"))
+    code, out, _ = run(capsys, a, make_run(tmp_path / "b"), "--plot", tmp_path / "plot.png")
+    assert code == 0 and "CAUSE" not in out
+
+
+def test_malformed_trace_settings_are_bad_input(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"))
+    (a / "trace" / "settings.json").write_text('{"format": 1,\n  oops}')
+    code, _, err = run(capsys, a, make_run(tmp_path / "b"), "--plot", tmp_path / "plot.png")
+    assert code == 2
+    assert "settings.json, line 2: not valid JSON" in err

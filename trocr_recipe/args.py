@@ -137,6 +137,15 @@ class DataTrainingArguments:
             "(image column, tokenizer, max_target_length) are wrong, not a few lines."
         },
     )
+    trace_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Write a reference trace for checking another training loop: train N optimizer steps "
+            "deterministically (dropout and augmentation off, no evaluation or checkpoints) and save each step's "
+            "exact batch, loss, gradient norm and learning rate with the settings a loop must share in "
+            "<output_dir>/trace (docs/step_comparison.md)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -148,6 +157,8 @@ class DataTrainingArguments:
     def __post_init__(self):
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction}: a fraction between 0 and 1")
+        if self.trace_steps is not None and self.trace_steps < 1:
+            raise ValueError(f"trace_steps={self.trace_steps}: the number of optimizer steps to trace, at least 1")
         if self.max_image_side < 1 or self.max_aspect_ratio < 1:
             raise ValueError(
                 f"max_image_side={self.max_image_side}, max_aspect_ratio={self.max_aspect_ratio}: both at least 1"

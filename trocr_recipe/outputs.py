@@ -18,7 +18,7 @@ LOSS_LOG = "loss_log.jsonl"
 RESULTS = "all_results.json"
 
 
-class StepLog:
+class JsonlLog:
     """A JSONL log of one row per step (`loss_log.jsonl`, `eval_log.jsonl`). On resume, rows
     past the resumed step are dropped so the file never holds a step twice."""
 
@@ -47,7 +47,10 @@ class StepLog:
         return read_jsonl(self.path) if self.path.exists() else []
 
 
-class LossLog(StepLog):
+StepLog = JsonlLog  # the former name (trocr_recipe.steptrace.StepLog is a foreign loop's loss log)
+
+
+class LossLog(JsonlLog):
     """`loss_log.jsonl`: one {"step", "loss", "learning_rate", "epoch"} per optimizer step."""
 
     def __init__(self, output_dir: str):
