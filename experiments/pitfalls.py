@@ -5,15 +5,16 @@
 
 Starts from a converged checkpoint (the demo's trained model, runs/demo) and fine-tunes it
 for a fixed number of steps on its own training data, once as the recipe does (the reference
-row) and once per pitfall, each planted by the smallest change to the recipe's own pieces:
+row) and once per pitfall, each planted by the smallest change to the recipe's own pieces
+(numbered as in docs/pitfalls.md):
 
  1. the decoder starts from `<s>` (config and generation_config),
  2. `<s>` stays at the front of the labels (what `tokenizer(text)` gives by default),
  3. labels padded with the pad id, not -100, so the loss trains on pads,
  4. generation cut at 20 tokens (the transformers default),
- 5. pixels in [0, 1] (mean 0, std 1) instead of the processor's mean / std,
- 6. a learning rate ten times the reference's,
- 7. CER from the argmax of teacher-forced logits instead of generate.
+ 7. pixels in [0, 1] (mean 0, std 1) instead of the processor's mean / std,
+ 9. a learning rate ten times the reference's,
+ 8. CER from the argmax of teacher-forced logits instead of generate.
 
 Every row has the same seed and data order; its CER is scored before and after fine-tuning,
 the way that row evaluates (max length 20, wrong normalization, ...), on the first
@@ -177,21 +178,21 @@ PITFALLS = (
     ),
     Pitfall(
         "wrong_normalization",
-        "5. pixels in [0, 1] (mean 0, std 1)",
+        "7. pixels in [0, 1] (mean 0, std 1)",
         "The checkpoint saw pixels in [-1, 1] (mean 0.5, std 0.5). In [0, 1] every image is shifted and its "
         "contrast halved, so the encoder's features are not the ones the decoder learned to read.",
         zero_one_pixels,
     ),
     Pitfall(
         "learning_rate_x10",
-        "6. learning rate x10",
+        "9. learning rate x10",
         "Steps sized for training from scratch throw a converged model off its optimum in the first updates; "
         "the loss recovers on the training lines sooner than the reading does.",
         learning_rate_x10,
     ),
     Pitfall(
         "teacher_forcing_cer",
-        "7. CER from teacher forcing",
+        "8. CER from teacher forcing",
         "Each position is predicted from the true previous tokens and the labels say where the line ends: "
         "errors never compound and no line runs on or stops early. The same model decoding with generate(), "
         "as at test time, pays for both.",
@@ -223,7 +224,7 @@ def parse_args(argv=None):
         type=float,
         default=1e-4,
         help="Peak learning rate of the reference row: a fine-tuning rate, small enough that the converged model "
-        "holds its CER (the paper fine-tuned at 2e-5). Row 6 uses ten times this.",
+        "holds its CER (the paper fine-tuned at 2e-5). Row 9 uses ten times this.",
     )
     parser.add_argument(
         "--warmup_steps", type=int, default=10, help="Linear warmup steps before the recipe's schedule."

@@ -1,4 +1,4 @@
-"""Preflight checks: a clean tiny run passes them all; each planted pitfall (FACTS.md) makes
+"""Preflight checks: a clean tiny run passes them all; each planted pitfall (docs/pitfalls.md) makes
 its own check fire with a message naming the key fact."""
 
 import math

@@ -98,12 +98,12 @@ def test_each_pitfall_is_planted_and_nothing_else(experiment, processor):
     assert planted["max_length_20"]["generation_max_length"] == 20
     assert rows["max_length_20"]["longest_generation"] == 20
     assert rows["reference"]["longest_generation"] == reference["generation_max_length"] > 20
-    # 5. The model sees pixels in [0, 1].
+    # 7. The model sees pixels in [0, 1].
     low, high = planted["wrong_normalization"]["pixel_range"]
     assert 0 <= low < high <= 1
-    # 6.
+    # 9.
     assert planted["learning_rate_x10"]["learning_rate"] == pytest.approx(10 * reference["learning_rate"])
-    # 7. The reported CER is not the generated one, which is the reference's: the same training.
+    # 8. The reported CER is not the generated one, which is the reference's: the same training.
     forced = rows["teacher_forcing_cer"]
     assert forced["cer"] != forced["generated_cer"] and forced["baseline_cer"] != forced["generated_baseline_cer"]
     assert forced["generated_cer"] == rows["reference"]["cer"]

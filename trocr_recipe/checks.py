@@ -1,4 +1,5 @@
-"""Preflight checks for the pitfalls of FACTS.md that make "loss goes down, CER goes up".
+"""Preflight checks for the pitfalls that make "loss goes down, CER goes up", numbered as in
+docs/pitfalls.md.
 
 Each check is a small function returning `Finding`s; `run_checks` runs them all on what
 `prepare_run` built, `raise_on_errors` logs the warnings and stops the run listing every
@@ -27,16 +28,39 @@ FINE_TUNED_MARKERS = ("-handwritten", "-printed")
 # the reference fine-tuned stage-1 checkpoints at 2e-5.
 MAX_FINE_TUNED_LEARNING_RATE = 1e-4
 SAMPLE_SIZE = 64  # training lines whose labels and texts are checked
+PITFALLS_DOC = "docs/pitfalls.md"  # one section per pitfall, anchored pitfall-<number>
+
+
+def pitfall_doc(number: int) -> str:
+    """Where pitfall `number` is explained: docs/pitfalls.md#pitfall-<number>."""
+    return f"{PITFALLS_DOC}#pitfall-{number}"
 
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem found. Preflight findings say everything in `message`; the loop checks
+    (loopcheck.py) keep the mistake there and the evidence, effect and fix apart."""
+
     name: str
     level: Literal["error", "warning"]
-    message: str  # what is wrong, the pitfall, what it causes, how to fix it
+    message: str  # what is wrong (preflight: also the pitfall, what it causes, how to fix it)
+    pitfall: int | None = None  # its number in docs/pitfalls.md
+    evidence: str = ""  # the ids, values or lines that show it
+    effect: str = ""  # what it does to training or to the CER
+    fix: str = ""
+
+    @property
+    def doc(self) -> str:
+        return pitfall_doc(self.pitfall) if self.pitfall else ""
 
     def __str__(self) -> str:
-        return f"[{self.level}] {self.name}: {self.message}"
+        """One line for a preflight finding; the loop checks' details on indented lines below."""
+        details = {"evidence": self.evidence, "effect": self.effect, "fix": self.fix}
+        if not any(details.values()):
+            return f"[{self.level}] {self.name}: {self.message}" + (f" See {self.doc}." if self.doc else "")
+        return "\n".join([f"[{self.level}] {self.name}: {self.message}"] + [
+            f"    {label}: {value}" for label, value in {**details, "see": self.doc}.items() if value
+        ])
 
 
 def _configs(model) -> dict:
@@ -78,9 +102,10 @@ def check_decoder_start(model, tokenizer) -> list[Finding]:
         Finding(
             "decoder_start_token",
             "error",
-            f"{where}, but the TrOCR decoder was pretrained to start from </s> (id {eos}) (FACTS.md pitfall 1). "
+            f"{where}, but the TrOCR decoder was pretrained to start from </s> (id {eos}) (pitfall 1). "
             f"The model has to relearn its first step: the loss falls while CER rises.{only_one} "
             "Fix: set decoder_start_token_id = tokenizer.eos_token_id on both (modeling.set_special_tokens).",
+            pitfall=1,
         )
     ]
 
@@ -102,10 +127,11 @@ def check_special_token_ids(model, tokenizer) -> list[Finding]:
             "special_token_ids",
             "error",
             f"{', '.join(wrong)}, but the tokenizer has </s>={tokenizer.eos_token_id} and "
-            f"<pad>={tokenizer.pad_token_id} (FACTS.md pitfall 5: config and generation_config disagree). "
+            f"<pad>={tokenizer.pad_token_id} (pitfall 5: config and generation_config disagree). "
             "A wrong eos never stops generation, which runs on to the maximum length; a wrong pad feeds a real "
             "token to the label shift and to finished beams. Fix: set both configs from the tokenizer "
             "(modeling.set_special_tokens).",
+            pitfall=5,
         )
     ]
 
@@ -123,9 +149,10 @@ def check_labels_without_bos(labels: list[list[int]], tokenizer) -> list[Finding
             "labels_start_with_bos",
             "error",
             f"{len(bad)} of the first {len(labels)} training labels start with <s> (id {tokenizer.bos_token_id}), "
-            f"e.g. {bad[0][:8]} (FACTS.md pitfall 2). The model learns to emit <s> first: predictions start with a "
+            f"e.g. {bad[0][:8]} (pitfall 2). The model learns to emit <s> first: predictions start with a "
             "spurious token or <s><s>. Fix: tokenize with add_special_tokens=False and append </s> "
             "(data.encode_labels).",
+            pitfall=2,
         )
     ]
 
@@ -140,9 +167,10 @@ def check_labels_end_with_eos(labels: list[list[int]], tokenizer) -> list[Findin
             "labels_end_with_eos",
             "error",
             f"{len(bad)} of the first {len(labels)} training labels do not end with </s> (id "
-            f"{tokenizer.eos_token_id}), e.g. ...{bad[0][-8:]} (FACTS.md pitfall 12). The model never learns to "
+            f"{tokenizer.eos_token_id}), e.g. ...{bad[0][-8:]} (pitfall 12). The model never learns to "
             "stop: generation runs on to the maximum length repeating words, while teacher-forced accuracy looks "
             "fine. Fix: text ids without special tokens, then </s> (data.encode_labels).",
+            pitfall=12,
         )
     ]
 
@@ -164,10 +192,11 @@ def check_labels_decode_to_text(
             "labels_decode_to_text",
             "error",
             f"{len(wrong)} of the first {len(labels)} training labels do not decode back to their reference text: "
-            f"{_examples(wrong)} (FACTS.md pitfall 12). A lost first character means the first id was cut off "
+            f"{_examples(wrong)} (pitfall 12). A lost first character means the first id was cut off "
             "(to drop an <s> the tokenizer never added); other differences mean the labels come from another "
             "tokenizer. The model is trained on text other than the ground truth. Fix: build labels with "
             "data.encode_labels and the processor's tokenizer.",
+            pitfall=12,
         )
     ]
 
@@ -198,8 +227,9 @@ def check_label_padding(features: list[dict], batch: dict, pad_token_id: int) ->
                 "label_padding",
                 "error",
                 f"the collator turned the label {ids} into {padded}: positions after the label must be -100"
-                f"{pad_note} (FACTS.md pitfall 3). Otherwise the loss averages over pad predictions, falls fast "
+                f"{pad_note} (pitfall 3). Otherwise the loss averages over pad predictions, falls fast "
                 "and says nothing about reading. Fix: pad labels with -100 (data.OcrCollator).",
+                pitfall=3,
             )
         ]
     return []
@@ -218,9 +248,10 @@ def check_collator_normalization(features: list[dict], batch: dict, collator, im
             "collator_normalization",
             "error",
             f"the collator's pixel values differ from the image processor's for the same uint8 image (collator: "
-            f"{used or type(collator).__name__}; image processor: {reference}) (FACTS.md pitfall 7). The encoder "
+            f"{used or type(collator).__name__}; image processor: {reference}) (pitfall 7). The encoder "
             "sees inputs shifted from what it was pretrained on (e.g. ImageNet mean/std instead of 0.5/0.5). Fix: "
             "build the collator with data.OcrCollator.from_image_processor(processor.image_processor).",
+            pitfall=7,
         )
     ]
 
@@ -258,9 +289,10 @@ def check_vocabulary_size(model, tokenizer) -> list[Finding]:
         Finding(
             "vocabulary_size",
             "error" if too_many else "warning",
-            f"the tokenizer has {len(tokenizer)} ids, the decoder's embedding table {table} (FACTS.md pitfall 6: "
+            f"the tokenizer has {len(tokenizer)} ids, the decoder's embedding table {table} (pitfall 6: "
             f"the tokenizer of one checkpoint with the model of another; TrOCR-small has 64044 ids, base and large "
             f"50265). {effect} Fix: use the checkpoint's own tokenizer (leave processor_name_or_path unset).",
+            pitfall=6,
         )
     ]
 
@@ -279,9 +311,10 @@ def check_tokenizer_matches_checkpoint(tokenizer, model_args) -> list[Finding]:
             "tokenizer_matches_checkpoint",
             "error",
             f"the tokenizer from {model_args.processor_name_or_path} is not the one of {model_args.model_name_or_path} "
-            f"({len(tokenizer)} ids against {len(own)}, {same} pieces with the same id) (FACTS.md pitfall 6). The "
+            f"({len(tokenizer)} ids against {len(own)}, {same} pieces with the same id) (pitfall 6). The "
             "decoder's embeddings belong to the checkpoint's tokenizer: with another one the model must relearn its "
             "vocabulary and the first epochs look like a collapse. Fix: leave processor_name_or_path unset.",
+            pitfall=6,
         )
     ]
 
@@ -298,8 +331,9 @@ def check_tokenizer_round_trip(texts: list[str], tokenizer) -> list[Finding]:
             "tokenizer_round_trip",
             "error",
             f"the tokenizer does not give back {len(wrong)} of the first {len(texts)} training texts: "
-            f"{_examples(wrong)} (FACTS.md pitfall 6). What it loses the model can never output: CER has a floor "
+            f"{_examples(wrong)} (pitfall 6). What it loses the model can never output: CER has a floor "
             "above zero. Fix: use the checkpoint's own tokenizer, or a training text it can represent.",
+            pitfall=6,
         )
     ]
 
@@ -316,9 +350,10 @@ def check_encoder_image_size(model, image_processor) -> list[Finding]:
             "encoder_image_size",
             "error",
             f"the encoder was built for {encoder[0]}x{encoder[1]} images (config.encoder.image_size) but the image "
-            f"processor resizes to {used[0]}x{used[1]} (FACTS.md pitfall 7). The position embeddings do not fit the "
+            f"processor resizes to {used[0]}x{used[1]} (pitfall 7). The position embeddings do not fit the "
             "patch grid: the forward pass fails or, interpolated, sees a geometry it was never trained on. Fix: use "
             "the checkpoint's own image processor size (384x384 for the Hub checkpoints).",
+            pitfall=7,
         )
     ]
 
@@ -333,9 +368,10 @@ def check_image_resample(image_processor) -> list[Finding]:
             "image_resample",
             "warning",
             f"the image processor resamples with {Image.Resampling(image_processor.resample).name} "
-            f"({image_processor.resample}), but training resizes bicubic as the paper did (FACTS.md pitfall 7). "
+            f"({image_processor.resample}), but training resizes bicubic as the paper did (pitfall 7). "
             "Whoever decodes with the saved processor (processor(images=...)) feeds the model images resized "
             "otherwise than in training. Fix: processor.image_processor.resample = PIL.Image.BICUBIC (3).",
+            pitfall=7,
         )
     ]
 
@@ -364,10 +400,11 @@ def check_image_processor_matches_checkpoint(image_processor, model_args) -> lis
             "image_processor_matches_checkpoint",
             "warning",
             f"the image processor from {model_args.processor_name_or_path} differs from the one of "
-            f"{model_args.model_name_or_path}: {'; '.join(differences)} (FACTS.md pitfall 7: e.g. ImageNet "
+            f"{model_args.model_name_or_path}: {'; '.join(differences)} (pitfall 7: e.g. ImageNet "
             "mean/std instead of 0.5/0.5, bilinear instead of bicubic). The encoder sees inputs prepared otherwise "
             "than in pretraining and the first epochs are spent adapting. Fix: leave processor_name_or_path unset, "
             "or match those settings.",
+            pitfall=7,
         )
     ]
 
@@ -390,9 +427,10 @@ def check_generation_length(model, training_args, longest: int) -> list[Finding]
             "generation_max_length",
             "error",
             f"{', '.join(short)}, but the longest label has {longest} tokens (</s> included), {needed} with the start "
-            "token (FACTS.md pitfall 4; the checkpoints' configs carry the default max_length 20). Longer lines are "
+            "token (pitfall 4; the checkpoints' configs carry the default max_length 20). Longer lines are "
             "cut and CER counts the missing rest. Fix: leave generation_max_length unset so the recipe sizes it "
             f"({generation_max_length(longest)} here), or set it to at least {needed}.",
+            pitfall=4,
         )
     ]
 
@@ -411,9 +449,10 @@ def check_learning_rate(
             "learning_rate",
             "warning",
             f"learning_rate={training_args.learning_rate:g} on {model_args.model_name_or_path}, a checkpoint already "
-            f"fine-tuned (FACTS.md pitfall 9). A rate above {max_learning_rate:g} moves a converged model away from "
+            f"fine-tuned (pitfall 9). A rate above {max_learning_rate:g} moves a converged model away from "
             "its optimum within an epoch: CER rises from its baseline. Fix: a rate near the reference's 2e-5, or "
             "start from a -stage1 checkpoint.",
+            pitfall=9,
         )
     ]
 
@@ -461,7 +500,7 @@ def run_checks(
 def format_findings(findings: list[Finding], strict: bool = False) -> str:
     if not findings:
         return "Preflight checks: every check passed."
-    lines = [f"Preflight checks found {len(findings)} problem(s) that would spoil the run (see FACTS.md):"]
+    lines = [f"Preflight checks found {len(findings)} problem(s) that would spoil the run (see {PITFALLS_DOC}):"]
     lines += [f"- {finding}" for finding in findings]
     if strict and any(finding.level == "warning" for finding in findings):
         lines.append("(preflight_strict: warnings count as errors)")
