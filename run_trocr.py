@@ -18,7 +18,7 @@ from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.steptrace import configure_trace_run
-from trocr_recipe.trainer import OcrTrainer, restore_starting_model
+from trocr_recipe.trainer import BaselineScore, OcrTrainer, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -118,18 +118,22 @@ def main(argv=None):
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
     results = run.data_results()  # truncated labels and skipped lines per split
 
-    # 3. Baseline: the starting model on validation, before any update.
-    if training_args.do_eval:
-        baseline, _ = evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")
-        results.update(baseline)
-        logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])
+    # 3. Baseline: the starting model on validation, before any update; when training, as
+    #    train() begins, once the model is wrapped for DDP (BaselineScore).
+    baseline = BaselineScore(
+        lambda: evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")[0]
+    )
+    if training_args.do_eval and training_args.do_train:
+        trainer.add_callback(baseline)
+    elif training_args.do_eval:
+        results.update(baseline.take())
 
     # 4. Train; never keep a model worse than the starting one.
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        results.update(train_result.metrics)
+        results.update({**baseline.metrics, **train_result.metrics})
         best = trainer.state.best_metric
-        if training_args.do_eval and (best is None or best >= results["baseline_cer"]):
+        if "baseline_cer" in results and (best is None or best >= results["baseline_cer"]):
             restore_starting_model(
                 trainer.accelerator.unwrap_model(trainer.model), model_args, "cer", best, results["baseline_cer"]
             )

@@ -45,6 +45,7 @@ class GeneratedTextMetrics:
     The trainer hands over generated ids only; the raw reference strings of the split being
     scored are set in `references` beforehand (evaluation keeps dataset order), and the
     decoded predictions of the last call stay in `predictions` for the predictions file.
+    Rows past the references are dropped (see `one_per_reference`).
     """
 
     def __init__(self, tokenizer, references: list[str]):
@@ -56,8 +57,16 @@ class GeneratedTextMetrics:
         generated = eval_prediction.predictions
         if isinstance(generated, tuple):
             generated = generated[0]
-        self.predictions = decode(self.tokenizer, generated)
+        self.predictions = decode(self.tokenizer, self.one_per_reference(generated))
         return {
             "cer": corpus_cer(self.references, self.predictions),
             "wer": corpus_wer(self.references, self.predictions),
         }
+
+    def one_per_reference(self, generated):
+        """The first row of each line: over several processes, Seq2SeqTrainer gathers with plain
+        `gather`, and the rows accelerate repeats to even out the last batch come last
+        (tests/test_distributed.py; docs/compatibility.md)."""
+        if len(generated) < len(self.references):
+            raise ValueError(f"{len(generated)} generated rows for {len(self.references)} references")
+        return generated[: len(self.references)]

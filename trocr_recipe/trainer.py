@@ -1,15 +1,21 @@
-"""The Seq2SeqTrainer of the reference recipe, repaired for VisionEncoderDecoderModel."""
+"""The Seq2SeqTrainer of the reference recipe, repaired for VisionEncoderDecoderModel.
+
+Each repair, the Trainer hook it goes through and the test that covers it are listed in
+docs/compatibility.md ("## Trainer"), with the few private members still overridden."""
 
 import logging
 import os
 
-from transformers import Seq2SeqTrainer
+import torch
+from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .generation import generating_per_line
 from .modeling import token_loss
 
 logger = logging.getLogger("trocr_recipe")
+
+BASELINE = "baseline"  # metric prefix of the starting model's scores
 
 
 def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
@@ -36,108 +42,170 @@ def restore_starting_model(model, model_args, metric: str, best, baseline: float
     )
 
 
+def step_token_loss(label_smoothing: float = 0.0):
+    """The trainer's `compute_loss_func`: cross-entropy summed over the label tokens and divided
+    by those of the whole optimizer step (`num_items_in_batch`), as fairseq's TrOCR did, with
+    the recipe's label smoothing (tests/test_trainer_compat.py::test_loss_*)."""
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        if not label_smoothing:
+            return token_loss(outputs.logits, labels, num_items_in_batch)
+        logits = outputs.logits.float()
+        summed = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum",
+            label_smoothing=label_smoothing,
+        )
+        return summed / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
+
+    return loss
+
+
+def trains_unsynchronized_replicas(trainer) -> bool:
+    """Several DDP processes, and train() left the model unwrapped: a model prepared for
+    evaluation before train() is never wrapped in DDP, accelerate prepares a model once
+    (tests/test_trainer_compat.py::test_training_unsynchronized_replicas_is_refused)."""
+    accelerator = trainer.accelerator
+    return (
+        accelerator.num_processes > 1
+        and accelerator.distributed_type.name.startswith("MULTI_")
+        and not getattr(trainer, "is_distributed_loading_by_transformers", False)  # tensor parallel: no DDP
+        and trainer.model_wrapped is trainer.model
+    )
+
+
+class TrainStart(TrainerCallback):
+    """Where a train() call starts: the step it resumes at (for its train_loss), nothing more
+    to train when that is max_steps (tests/test_resume.py), no unsynchronized replicas."""
+
+    def __init__(self, trainer):
+        self.trainer, self.step = trainer, None
+
+    @staticmethod
+    def nothing_left(state) -> bool:
+        return 0 < state.max_steps <= state.global_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if trains_unsynchronized_replicas(self.trainer):
+            raise RuntimeError(
+                f"train() would run {self.trainer.accelerator.num_processes} unsynchronized copies of the model: it "
+                "was prepared for evaluation before train() (evaluate() or predict()), and accelerate prepares a "
+                "model once. Evaluate the starting model from inside train() instead (BaselineScore)."
+            )
+        self.step = state.global_step
+        if self.nothing_left(state):
+            logger.info("Resumed at step %d of max_steps=%d: nothing left to train", state.global_step, state.max_steps)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Resumed at max_steps: no evaluation or checkpoint again, the resumed checkpoint has them.
+        if state.global_step == self.step and self.nothing_left(state):
+            control.should_evaluate = control.should_save = False
+
+
+class BaselineScore(TrainerCallback):
+    """The starting model's scores (`baseline_*`), taken as train() begins: after the trainer
+    wrapped the model in DDP, before any update (tests/test_distributed.py). Kept in the
+    trainer state, so a resumed run reports those of its first start
+    (tests/test_trainer_compat.py::test_baseline_is_taken_once_and_a_resumed_run_reports_its_first_starts)."""
+
+    def __init__(self, evaluate):
+        self.evaluate, self.metrics = evaluate, {}
+
+    def take(self) -> dict:
+        """Evaluate now (a run that does not train)."""
+        self.metrics = self.evaluate()
+        logger.info("Baseline validation CER %.2f", self.metrics[f"{BASELINE}_cer"])
+        return self.metrics
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        recorded = [row for row in state.log_history if f"{BASELINE}_cer" in row]
+        if recorded:
+            self.metrics = {key: value for key, value in recorded[0].items() if key.startswith(f"{BASELINE}_")}
+            logger.info("Baseline validation CER %.2f (taken at the run's first start)",
+                        self.metrics[f"{BASELINE}_cer"])
+        elif state.global_step:
+            logger.warning("The resumed checkpoint records no baseline score: the run reports none, and keeps "
+                           "its best checkpoint without comparing it with the starting model")
+        else:
+            state.log_history.append({**self.take(), "step": state.global_step})
+
+
 class OcrTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer with four repairs for VisionEncoderDecoderModel in transformers 5.
+    """Seq2SeqTrainer with the repairs VisionEncoderDecoderModel needs in transformers 5
+    (docs/compatibility.md, "## Trainer")."""
 
-    The loss: the model's forward takes **kwargs, so the trainer assumes it normalizes
-    by `num_items_in_batch` and neither divides by the accumulation steps nor undoes the
-    multi-process scaling, while the model returns a plain per-batch mean: gradients come
-    out accumulation-steps x processes too large. Here the loss is summed over tokens and
-    divided by the step's token count, the normalization the trainer expects.
-
-    DDP after an evaluation: train() wraps the model even when the baseline evaluation
-    prepared it first (see train).
-
-    Evaluation across processes: every line is scored once (see evaluation_loop).
-
-    Speed, the same results: generation computes what the beams of a line share once per
-    line and leaves finished lines out of the batch, and the evaluation loss reuses the
-    encoder output of generation (see prediction_step); the per-step FLOP count does not
-    walk the model's modules (see floating_point_ops).
-
-    Checkpoints: resume and best-model loading go through `from_pretrained` for plain
-    (non-DeepSpeed, non-FSDP) models; the trainer's own paths stay for sharded engines.
-    `trainer_state.json` is the last file of a checkpoint on every process (it marks it
-    complete, see trocr_recipe.checkpoints), and a run resumed from its last step does not
-    train one step more.
-
-    The Hub token: the trainer pickles its arguments into every `training_args.bin`, which
-    push_to_hub uploads, `hub_token` included. It is moved out of the arguments into the
-    process environment (`HF_TOKEN`, where huggingface_hub looks for it) once the repo exists."""
+    # compute_loss divides by the label tokens of the whole step: no division by the steps.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("compute_loss_func") is None:
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            kwargs["compute_loss_func"] = step_token_loss(getattr(training_args, "label_smoothing_factor", 0.0))
         super().__init__(*args, **kwargs)  # creates the Hub repo with args.hub_token (push_to_hub)
-        # compute_loss below normalizes by num_items_in_batch: the trainer must count them.
-        self.model_accepts_loss_kwargs = True
         self._parameter_count = None  # see floating_point_ops
+        self.train_start = TrainStart(self)
+        self.add_callback(self.train_start)
         if self.args.hub_token:
-            os.environ["HF_TOKEN"] = self.args.hub_token
-            self.args.hub_token = None
+            self.keep_hub_token_out_of_the_arguments()
+
+    def keep_hub_token_out_of_the_arguments(self) -> None:
+        """The trainer pickles its arguments into every `training_args.bin`, which push_to_hub
+        uploads: the token moves to `HF_TOKEN`, where huggingface_hub looks for it."""
+        os.environ["HF_TOKEN"] = self.args.hub_token
+        self.args.hub_token = None
+        logger.info("hub_token: moved from the training arguments to HF_TOKEN (training_args.bin is uploaded)")
 
     def train(self, *args, **kwargs):
-        # accelerate (1.15) prepares a model once only (`_is_accelerate_prepared`). The
-        # baseline evaluation before train() prepared it for evaluation, without DDP, so
-        # train() would run each process on its own replica with unsynchronized gradients.
-        if self.model is self.model_wrapped:
-            self.model.__dict__.pop("_is_accelerate_prepared", None)
         output = super().train(*args, **kwargs)
         losses = [row["loss"] for row in self.state.log_history if "loss" in row]
-        if self.state.global_step == getattr(self, "_initial_global_step", None) and losses:
+        if self.state.global_step == self.train_start.step and losses:
             # No step in this call: train_loss is the run's, the mean of its logged losses (not 0).
             train_loss = sum(losses) / len(losses)
             output = output._replace(training_loss=train_loss, metrics={**output.metrics, "train_loss": train_loss})
         return output
 
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from a checkpoint at max_steps, the stock loop runs one step before it
-        # checks max_steps (and saves checkpoint-<max_steps + 1>): stop before it instead.
-        if 0 < self.state.max_steps <= self.state.global_step:
-            logger.info("Resumed at step %d of max_steps=%d: nothing left to train", self.state.global_step,
-                        self.state.max_steps)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """No batch once max_steps is reached: the stock loop takes a step before it checks
+        max_steps, so a run resumed at its last step would train one more (tests/test_resume.py)."""
+        if TrainStart.nothing_left(self.state):
             self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
-    def _save_rng_state(self, output_dir):
-        # Process 0 writes trainer_state.json next, the mark of a complete checkpoint: every
-        # process's rng_state_<i>.pth must be on disk before it.
-        super()._save_rng_state(output_dir)
-        self.accelerator.wait_for_everyone()
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The labels go into the model, which builds the decoder inputs from them (the stock
+        method hands them to `compute_loss_func` only); the loss is `compute_loss_func`'s
+        (tests/test_no_trainer.py: the plain loop's losses, step by step)."""
+        outputs = model(**inputs)
+        loss = self.compute_loss_func(outputs, inputs["labels"], num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens; DDP averages gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def floating_point_ops(self, inputs):
-        # The total_flos statistic, every step: the stock method counts the parameters again
-        # each time, walking every module (0.15 ms a step for the tiny model, about 1 ms for
-        # TrOCR-small), which the plain loop does not pay. They do not change: counted once.
+        """The total_flos statistic with the parameters counted once: the stock method walks
+        every module at every step (about 1 ms for TrOCR-small), which the plain loop does not."""
         if self._parameter_count is None:
             self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
         # Pixels as the model sees them: three channels, also for a one-channel uint8 batch.
         pixels = inputs[self.model.main_input_name]
         return 6 * pixels[:, :1].numel() * self.model.config.encoder.num_channels * self._parameter_count
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)  # labels in: the model shifts them into decoder inputs itself
-        loss = token_loss(outputs.logits, inputs["labels"], num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts every process's tokens; DDP averages gradients.
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-    def evaluation_loop(self, *args, **kwargs):
-        # Seq2SeqTrainer gathers generations with plain `gather`, which keeps the lines
-        # repeated to even out the last batch across processes: they would be scored twice.
-        self.gather_function = self.accelerator.gather_for_metrics
-        return super().evaluation_loop(*args, **kwargs)
-
     def prediction_step(self, *args, **kwargs):
-        # Generation as the custom loop's (trocr_recipe.generation: what a line's beams share
-        # computed once, finished lines out of the batch; the same sequences, several times
-        # faster), and one encoder pass per batch for generation and evaluation loss together.
+        """Generation as the custom loop's (trocr_recipe.generation: the same sequences,
+        several times faster), one encoder pass for generation and evaluation loss together."""
         with generating_per_line(self.model):
             return super().prediction_step(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
         """The run writes its own card, with the results in the Hub's model-index form,
         before pushing; the trainer's generic card would replace it."""
+
+    def _save_rng_state(self, output_dir):
+        """Private (docs/compatibility.md): every process's RNG file is on disk before process 0
+        writes trainer_state.json, the mark of a complete checkpoint (tests/test_trainer_compat.py)."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _plain_checkpoint(self, checkpoint: str) -> bool:
         return (
@@ -147,11 +215,15 @@ class OcrTrainer(Seq2SeqTrainer):
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Private (docs/compatibility.md): a resumed plain model loads through from_pretrained,
+        the encoder included (tests/test_trainer_compat.py)."""
         if not self._plain_checkpoint(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_checkpoint_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self):
+        """Private (docs/compatibility.md): the best checkpoint loads through from_pretrained,
+        the encoder included (tests/test_trainer_compat.py)."""
         if not self._plain_checkpoint(self.state.best_model_checkpoint):
             return super()._load_best_model()
         load_checkpoint_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
