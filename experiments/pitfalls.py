@@ -23,7 +23,7 @@ most of these mistakes before any training: they are deliberately not run here.
 
 Writes <output_dir>/pitfalls.md (the table, also printed) and pitfalls.json (every figure,
 per-step losses, and what was planted in each row); each row's loss_log.jsonl sits in
-<output_dir>/<row>/, for compare_runs.py. --readme puts the table into README.md.
+<output_dir>/<row>/, for compare_runs.py. --readme puts the table into docs/pitfalls.md.
 """
 
 import argparse
@@ -236,7 +236,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--readme",
         action="store_true",
-        help=f"Also put the table into README.md, between the {README_START} and {README_END} lines.",
+        help=f"Also put the table into docs/pitfalls.md, between the {README_START} and {README_END} lines.",
     )
     return parser.parse_args(argv)
 
@@ -437,8 +437,8 @@ def main(argv=None) -> list[dict]:
     (output / "pitfalls.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(table)
     if args.readme:
-        write_readme(table, ROOT / "README.md")
-        logger.info("Table written into %s", ROOT / "README.md")
+        write_readme(table, ROOT / "docs" / "pitfalls.md")
+        logger.info("Table written into %s", ROOT / "docs" / "pitfalls.md")
     logger.info("Wrote %s and pitfalls.json (%.0f s in all)", output / "pitfalls.md", time.time() - started)
     return rows
 
