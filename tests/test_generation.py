@@ -1,18 +1,37 @@
 """trocr_recipe.generation.generate gives the sequences of model.generate, one line at a
 time or batched, greedy or beam search, with and without the encoder-to-decoder projection,
-while finished lines leave the batch; OcrTrainer's evaluation step uses it."""
+while finished lines leave the batch; OcrTrainer's evaluation step uses it. Where upstream
+changes what it relies on, it warns, counts and still gives model.generate's sequences."""
 
+import contextlib
+import functools
+import inspect
+import json
 import math
+import warnings
+from collections import Counter
 
 import pytest
 import torch
+import transformers
 from transformers import (
-    LogitsProcessor, LogitsProcessorList, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrOCRConfig, ViTConfig,
-    VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
+    EncoderDecoderCache, GenerationMixin, LogitsProcessor, LogitsProcessorList, Seq2SeqTrainer,
+    Seq2SeqTrainingArguments, TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
 )
+from transformers.models.trocr.modeling_trocr import TrOCRAttention
 
+from trocr_recipe import generation
 from trocr_recipe.generation import generate, generating_per_line
 from trocr_recipe.trainer import OcrTrainer
+
+
+@pytest.fixture(autouse=True)
+def fallbacks(monkeypatch):
+    """A fresh fallback counter and warning memory per test; every test expects none unless it says so."""
+    monkeypatch.setattr(generation, "FALLBACKS", Counter())
+    monkeypatch.setattr(generation, "_WARNED", set())
+    monkeypatch.delenv(generation.SWITCH, raising=False)
+    return generation.FALLBACKS
 
 
 def _model(encoder_width: int) -> VisionEncoderDecoderModel:
@@ -28,21 +47,27 @@ def _model(encoder_width: int) -> VisionEncoderDecoderModel:
     return model.eval()
 
 
+def _autocast(model) -> VisionEncoderDecoderModel:
+    """Mixed precision as accelerate sets it up: the model's forward under autocast."""
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    return model
+
+
 @pytest.mark.parametrize("encoder_width", [32, 24])  # 24: enc_to_dec_proj, as TrOCR-small and -base
-@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("num_beams", [1, 3, 4])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_same_sequences_as_model_generate(encoder_width, num_beams, bf16):
-    model = _model(encoder_width)
-    if bf16:  # mixed precision as accelerate sets it up: the model's forward under autocast
-        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+def test_same_sequences_as_model_generate(encoder_width, num_beams, bf16, fallbacks):
+    model = _autocast(_model(encoder_width)) if bf16 else _model(encoder_width)
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     kwargs = dict(num_beams=num_beams, max_length=12, early_stopping=num_beams > 1)
     with torch.no_grad():
         one_at_a_time = [model.generate(pixel_values=pixels[i:i + 1], **kwargs)[0] for i in range(len(pixels))]
         batched = generate(model, pixels, **kwargs)
     assert [row.tolist() for row in batched] == [row.tolist() for row in one_at_a_time]
-    # The decoder's attention modules are back to TrOCR's own afterwards.
+    # The decoder's attention modules are back to TrOCR's own afterwards, and nothing fell back.
     assert all("forward" not in vars(layer.encoder_attn) for layer in model.decoder.model.decoder.layers)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not fallbacks, f"fast path off on transformers {transformers.__version__}: {dict(fallbacks)}"
 
 
 def test_routed_model_generate_is_restored():
@@ -53,7 +78,7 @@ def test_routed_model_generate_is_restored():
         with generating_per_line(model):
             routed = model.generate(pixel_values=pixels, num_beams=2, max_length=8)
     assert torch.equal(routed, expected)
-    assert "generate" not in vars(model)
+    assert "generate" not in vars(model) and not model._forward_pre_hooks
 
 
 class _EndAt(LogitsProcessor):
@@ -71,32 +96,244 @@ class _EndAt(LogitsProcessor):
         return scores
 
 
+LENGTHS = [3, 12, 4, 5, 3, 6, 4, 3]  # the batch runs for 12 steps; most lines end in 3 to 6
+
+
+@functools.lru_cache
+def _stock_lines(num_beams: int, bf16: bool) -> list[list[int]]:
+    """model.generate one line at a time on the lines that end at LENGTHS (the same weights
+    in every test: `_model` seeds them)."""
+    model, expected = _autocast(_model(24)) if bf16 else _model(24), []
+    with torch.no_grad():
+        for i, length in enumerate(LENGTHS):
+            processor = LogitsProcessorList([_EndAt([length], num_beams)])
+            expected.append(model.generate(pixel_values=_PIXELS[i:i + 1], logits_processor=processor,
+                                           **_ending_kwargs(num_beams))[0].tolist())
+    return expected
+
+
+def _ending_kwargs(num_beams: int) -> dict:
+    return dict(num_beams=num_beams, max_length=16, early_stopping=num_beams > 1)
+
+
+_PIXELS = torch.randn(len(LENGTHS), 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def _ending_lines(model, num_beams: int, bf16: bool = False) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Lines that end at LENGTHS: `generate` on the batch, with the rows of each decoder step
+    (padding dropped), and model.generate one line at a time."""
+    rows = []
+    hook = model.decoder.register_forward_pre_hook(lambda module, args, kw: rows.append(len(kw["input_ids"])),
+                                                   with_kwargs=True)
+    with torch.no_grad():
+        batched = generate(model, _PIXELS, logits_processor=LogitsProcessorList([_EndAt(LENGTHS, num_beams)]),
+                           **_ending_kwargs(num_beams))
+    hook.remove()
+    return [row[row != 1].tolist() for row in batched], _stock_lines(num_beams, bf16), rows
+
+
+class _Scores(LogitsProcessor):
+    """Keeps the scores generate passes to the logits processors at every step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.clone())
+        return scores
+
+
+def _assert_same_scores(model, num_beams: int) -> None:
+    """Every row still decoded scores as in model.generate on the batch, step by step (the
+    rows left out get zero logits: equal scores). Sequences alone would not show a cache
+    reordered wrongly: a random model's tokens hardly depend on it."""
+    steps = {}
+    for path in ("stock", "ours"):
+        scores = _Scores()
+        processors = LogitsProcessorList([scores, _EndAt(LENGTHS, num_beams)])
+        with torch.no_grad():
+            if path == "ours":
+                generate(model, _PIXELS, logits_processor=processors, **_ending_kwargs(num_beams))
+            else:
+                model.generate(pixel_values=_PIXELS, logits_processor=processors, **_ending_kwargs(num_beams))
+        steps[path] = scores.steps
+    assert len(steps["ours"]) == len(steps["stock"])
+    for step, (ours, stock) in enumerate(zip(steps["ours"], steps["stock"])):
+        decoded = ~(ours == ours[:, :1]).all(dim=1)
+        assert decoded.any() and torch.allclose(ours[decoded], stock[decoded], rtol=0, atol=1e-5), step
+
+
+def _lines_left(rows: list[int], num_beams: int) -> bool:
+    """All lines at first; once a quarter of them are done, only those still being decoded."""
+    assert rows[0] == len(LENGTHS) * num_beams
+    return rows[-1] == num_beams and sum(rows) < 0.6 * len(rows) * len(LENGTHS) * num_beams
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_finished_lines_leave_the_batch(num_beams, bf16):
-    model = _model(24)
-    if bf16:
-        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
-    lengths = [3, 12, 4, 5, 3, 6, 4, 3]  # the batch runs for 12 steps; most lines end in 3 to 6
-    pixels = torch.randn(len(lengths), 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    kwargs = dict(num_beams=num_beams, max_length=16, early_stopping=num_beams > 1)
-    with torch.no_grad():
-        expected = []
-        for i, length in enumerate(lengths):
-            processor = LogitsProcessorList([_EndAt([length], num_beams)])
-            expected.append(model.generate(pixel_values=pixels[i:i + 1], logits_processor=processor, **kwargs)[0])
-        rows, stock_forward = [], vars(model).get("forward")
-        hook = model.decoder.register_forward_pre_hook(lambda module, args, kw: rows.append(len(kw["input_ids"])),
-                                                       with_kwargs=True)
-        batched = generate(model, pixels, logits_processor=LogitsProcessorList([_EndAt(lengths, num_beams)]), **kwargs)
-        hook.remove()
-    assert [row[row != 1].tolist() for row in batched] == [row.tolist() for row in expected]
-    assert [len(row[row != 1]) for row in batched] == [length + 1 for length in lengths]  # start token + text + </s>
-    # All lines at first; once a quarter of them are done, only those still being decoded.
-    assert rows[0] == len(lengths) * num_beams and rows[-1] == num_beams
-    assert sum(rows) < 0.6 * len(rows) * len(lengths) * num_beams
+def test_finished_lines_leave_the_batch(num_beams, bf16, fallbacks):
+    model = _autocast(_model(24)) if bf16 else _model(24)
+    stock_forward = vars(model).get("forward")
+    batched, expected, rows = _ending_lines(model, num_beams, bf16)
+    assert batched == expected
+    assert [len(row) for row in batched] == [length + 1 for length in LENGTHS]  # start token + text + </s>
+    assert _lines_left(rows, num_beams), rows
+    _assert_same_scores(model, num_beams)
+    assert not fallbacks, f"fast path off on transformers {transformers.__version__}: {dict(fallbacks)}"
     assert "_check_early_stop_heuristic" not in vars(model)
     assert vars(model).get("forward") is (stock_forward if bf16 else None)
+
+
+def test_generate_gets_a_cache_that_reorders_only_self_attention(monkeypatch):
+    """The cache goes to generate under the forward's keyword (`cache` from transformers 5.24,
+    `past_key_values` before); beam search calls its reorder_cache, a method of its class."""
+    model, caches = _model(24), []
+    stock_generate = model.generate
+
+    def spy(**kwargs):
+        caches.extend((name, value) for name, value in kwargs.items() if name in generation.CACHE_KEYWORDS)
+        return stock_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    reorders = []
+    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", lambda cache, beam_idx: reorders.append(cache))
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        generate(model, pixels, num_beams=3, max_length=6)
+    (name, cache), = caches
+    assert name == ("past_key_values" if transformers.__version__.startswith("5.23.") else "cache")
+    assert isinstance(cache, EncoderDecoderCache) and "reorder_cache" not in vars(cache)
+    assert cache.reorders > 0 and not reorders  # its own reorder_cache, not EncoderDecoderCache's
+    assert cache.cross_attention_cache.get_seq_length() == 0  # never filled: per-line keys and values instead
+
+
+# What trocr_recipe.generation uses of transformers beyond its public API (docs/compatibility.md,
+# "## Generation"): each test below names the member upstream changed when it fails.
+def test_transformers_version_is_tested():
+    version = transformers.__version__
+    assert version in generation.TESTED_TRANSFORMERS, (
+        f"transformers {version} is not in generation.TESTED_TRANSFORMERS: run this file with it, then add it")
+
+
+def test_beam_search_early_stop_member():
+    member, version = generation.EARLY_STOP, transformers.__version__
+    assert hasattr(GenerationMixin, member), f"GenerationMixin.{member} is gone in transformers {version}"
+    parameters = inspect.signature(getattr(GenerationMixin, member)).parameters
+    for name in generation.EARLY_STOP_ARGUMENTS:
+        assert name in parameters, f"GenerationMixin.{member} has no parameter {name} in transformers {version}"
+
+
+def test_cache_members():
+    version = transformers.__version__
+    for name in ("reorder_cache", "batch_select_indices"):
+        assert callable(getattr(EncoderDecoderCache, name, None)), f"EncoderDecoderCache.{name} is gone in {version}"
+    assert generation._cache_keyword(_model(24)) is not None, (
+        f"VisionEncoderDecoderModel.forward takes none of {generation.CACHE_KEYWORDS} in transformers {version}")
+
+
+def test_trocr_cross_attention_members():
+    version = transformers.__version__
+    attention = _model(24).decoder.model.decoder.layers[0].encoder_attn
+    assert isinstance(attention, TrOCRAttention), f"TrOCRDecoderLayer.encoder_attn is no TrOCRAttention in {version}"
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scaling", "dropout"):
+        assert hasattr(attention, name), f"TrOCRAttention.{name} is gone in transformers {version}"
+    assert list(inspect.signature(TrOCRAttention.forward).parameters)[1] == "hidden_states", (
+        f"TrOCRAttention.forward's first argument is no longer hidden_states in transformers {version}")
+
+
+def _untested_version(monkeypatch):
+    monkeypatch.setattr(generation, "TESTED_TRANSFORMERS", ("0.0.0",))
+
+
+def _unknown_cache_keyword(monkeypatch):
+    monkeypatch.setattr(generation, "CACHE_KEYWORDS", ("kv_cache",))
+
+
+def _early_stop_renamed(monkeypatch):
+    monkeypatch.setattr(generation, "EARLY_STOP", "_check_early_stop")
+
+
+def _early_stop_never_called(monkeypatch):
+    """The member renamed upstream, the old name kept but no longer called by beam search."""
+    old = staticmethod(GenerationMixin._check_early_stop_heuristic)
+    monkeypatch.setattr(GenerationMixin, "_old_check", old, raising=False)
+    monkeypatch.setattr(generation, "EARLY_STOP", "_old_check")
+
+
+def _reordered_by_the_model(monkeypatch):
+    """generate prefers a model's own `_reorder_cache`: the cache's reorder_cache is never called."""
+    def reorder(cache, beam_idx):
+        EncoderDecoderCache.reorder_cache(cache, beam_idx)
+        return cache
+    monkeypatch.setattr(VisionEncoderDecoderModel, "_reorder_cache", staticmethod(reorder), raising=False)
+
+
+def _cross_attention_not_through_forward(monkeypatch):
+    """The decoder calling TrOCRAttention's class function, not the module's forward attribute."""
+    def call(self, *args, **kwargs):
+        return TrOCRAttention.forward(self, *args, **kwargs)
+    monkeypatch.setattr(TrOCRAttention, "__call__", call)
+
+
+@contextlib.contextmanager
+def _no_warning():
+    """Fails if trocr_recipe.generation warns inside the block."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    assert not [warning for warning in caught if "trocr_recipe.generation" in str(warning.message)]
+
+
+@pytest.mark.parametrize("change, part, greedy_too", [
+    (_untested_version, "batched generation", True),
+    (_unknown_cache_keyword, "leaving finished lines out", True),
+    (_cross_attention_not_through_forward, "per-line cross-attention", True),
+    (_early_stop_renamed, "_check_early_stop", False),  # beam search only
+    (_early_stop_never_called, "_old_check", False),
+    (_reordered_by_the_model, "leaving finished lines out", False),
+])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_upstream_change_warns_counts_and_keeps_the_sequences(change, part, greedy_too, num_beams, monkeypatch,
+                                                              fallbacks):
+    """A simulated upstream change: the sequences of model.generate, finished lines kept in
+    the batch, a warning naming the transformers version and the part off (once per
+    process) and a count per generate call. Greedy search needs no beam search member."""
+    model = _model(24)
+    change(monkeypatch)
+    if num_beams == 1 and not greedy_too:
+        with _no_warning():
+            batched, expected, rows = _ending_lines(model, num_beams)
+        assert batched == expected and _lines_left(rows, num_beams) and not fallbacks
+        return
+    with pytest.warns(RuntimeWarning, match=f"transformers {transformers.__version__}: .*{part}.* off"):
+        batched, expected, rows = _ending_lines(model, num_beams)
+    assert batched == expected
+    assert not _lines_left(rows, num_beams)
+    assert list(fallbacks.values()) == [1] and part in next(iter(fallbacks)), dict(fallbacks)
+    with _no_warning():  # warned once per process, counted at every call
+        assert _ending_lines(model, num_beams)[0] == expected
+    assert list(fallbacks.values()) == [2]
+    assert not model._forward_hooks and not model._forward_pre_hooks and "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("off, lines_leave", [("early_stop", {1: True, 3: False}), ("leave_out", {1: False, 3: False}),
+                                              ("per_line", {1: True, 3: True})])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_parts_switched_off_keep_the_sequences(off, lines_leave, num_beams, monkeypatch, fallbacks):
+    """TROCR_GENERATION_OFF (for measuring each part): the same sequences, nothing counted."""
+    monkeypatch.setenv(generation.SWITCH, off)
+    model = _model(24)
+    batched, expected, rows = _ending_lines(model, num_beams)
+    assert batched == expected
+    assert _lines_left(rows, num_beams) is lines_leave[num_beams]
+    _assert_same_scores(model, num_beams)
+    assert not fallbacks
+
+
+def test_unknown_part_switched_off_is_an_error(monkeypatch):
+    monkeypatch.setenv(generation.SWITCH, "early-stop")
+    with pytest.raises(ValueError, match="early-stop"):
+        generate(_model(24), _PIXELS[:2], num_beams=2, max_length=4)
 
 
 def test_trainer_prediction_step_runs_the_encoder_once(tmp_path):
@@ -120,3 +357,14 @@ def test_trainer_prediction_step_runs_the_encoder_once(tmp_path):
     assert torch.allclose(loss, stock_loss, atol=1e-6)
     assert (stock_passes, passes) == (2, 1)
     assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+def test_a_run_with_a_fallback_says_so_in_all_results(tiny_args, tmp_path, monkeypatch):
+    """A whole run (run_trocr.py, one step) on a transformers version generation was not tested with."""
+    import run_trocr
+
+    _untested_version(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="batched generation"):
+        run_trocr.main(tiny_args + ["--max_steps", "1", "--do_predict", "false"])
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["generation_fast_path_fallbacks"] >= 2  # the baseline and the validation after the step

@@ -1,37 +1,61 @@
-"""Batched generation for TrOCR: what the beams of a line share computed once per line, and
-lines that are finished taken out of the batch.
+"""Batched generation for TrOCR: `generate` gives the sequences of `model.generate`, with what
+the beams of a line share computed once per line and finished lines left out of the
+decoder's batch (how and how much: benchmarks/README.md, "bench_eval.py").
 
-`model.generate` (transformers 5.23) runs beam search on lines x beams rows, each row
-treated as an input of its own: the encoder output is copied once per beam, and at every
-decoding step `VisionEncoderDecoderModel.forward` projects it again to the decoder's width
-(`enc_to_dec_proj`, in TrOCR-small and -base) while `EncoderDecoderCache.reorder_cache`
-gathers the cross-attention keys and values by beam index, although they are the same
-for every beam of a line. At a batch of 32 lines, 4 beams, that gather alone copies
-hundreds of MB per step, so that batching made evaluation slower, not faster. And every
-line is decoded until the longest line of the batch ends: its finished rows keep going
-through the decoder, their outputs thrown away.
-
-`generate` gives the same sequences with
-- the projection of the encoder output and each layer's cross-attention keys and values
-  computed once per line, the beams of a line attending to them together (their queries
-  side by side: one matrix product per line, not one per beam); nothing is reordered but
-  the self-attention cache;
-- the lines that are finished left out of the decoder's batch: a line that can no longer
-  change (beam search: done by generate's own rule, which adds -1e9 to all of its later
-  candidates; greedy: it has produced `</s>`, after which generate pads it) gets zero
-  logits instead of a forward pass. Taking lines out means copying the keys, values and
-  cache of those that remain, so it is done each time a quarter of the batch is finished;
-  until then finished lines stay in the batch.
-Both loops evaluate through it (OcrTrainer.prediction_step, run_trocr_no_trainer.generate_predictions);
-`generating_per_line` also gives the trainer's evaluation loss the encoder output of generation.
+It leans on a few members of transformers that are not public (docs/compatibility.md,
+"## Generation"). Where one of them is missing or unused, or on a transformers version
+not in TESTED_TRANSFORMERS, that part is off: a warning once per process, a count in
+FALLBACKS (a run's all_results.json: generation_fast_path_fallbacks), stock results.
 """
 
 import contextlib
-from functools import partial, wraps
+import inspect
+import os
+import warnings
+from collections import Counter
+from functools import partial
 
 import torch
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
-from transformers.models.trocr.modeling_trocr import TrOCRAttention
+import transformers
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRForCausalLM
+
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+# The forward's cache keyword: `cache` from transformers 5.24, `past_key_values` before.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+# generate's per-step beam search test, and the arguments `_Batch.watch` reads from it.
+EARLY_STOP = "_check_early_stop_heuristic"
+EARLY_STOP_ARGUMENTS = ("is_early_stop_heuristic_unsatisfied", "is_sent_finished", "early_stopping")
+# Parts a person can turn off, to measure them or to rule them out: TROCR_GENERATION_OFF=per_line,early_stop
+SWITCH = "TROCR_GENERATION_OFF"
+PARTS = ("per_line", "early_stop", "leave_out")
+
+FALLBACKS: Counter = Counter()  # part -> generate calls that ran without it
+_WARNED: set = set()
+
+
+def fallback_count() -> int:
+    """Parts of the fast path off in this process's generate calls (one per part and call)."""
+    return sum(FALLBACKS.values())
+
+
+def _fall_back(part: str, reason: str) -> None:
+    """Counts a generate call without `part`, and warns the first time per process."""
+    FALLBACKS[part] += 1
+    if part not in _WARNED:
+        _WARNED.add(part)
+        warnings.warn(f"trocr_recipe.generation, transformers {transformers.__version__}: {part} off ({reason}). "
+                      "The sequences are model.generate's, evaluation is slower; see docs/compatibility.md.",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _switched_off() -> set:
+    """The parts TROCR_GENERATION_OFF names; an unknown name is an error, never ignored."""
+    names = {name.strip() for name in os.environ.get(SWITCH, "").split(",") if name.strip()}
+    if names - set(PARTS):
+        raise ValueError(f"{SWITCH}: unknown part(s) {sorted(names - set(PARTS))}; known: {', '.join(PARTS)}")
+    return names
 
 
 def _cross_attentions(model) -> list[TrOCRAttention] | None:
@@ -41,6 +65,39 @@ def _cross_attentions(model) -> list[TrOCRAttention] | None:
     return modules if modules and all(isinstance(module, TrOCRAttention) for module in modules) else None
 
 
+def _cache_keyword(model) -> str | None:
+    """The keyword under which the model's forward takes generate's cache."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), None)
+
+
+def _early_stop_check(model):
+    """generate's beam search test of whether a line can still improve, or why it cannot be watched."""
+    check = getattr(model, EARLY_STOP, None)
+    if check is None:
+        return None, f"generate has no {EARLY_STOP}"
+    missing = [name for name in EARLY_STOP_ARGUMENTS if name not in inspect.signature(check).parameters]
+    return (None, f"{EARLY_STOP} takes no {', '.join(missing)}") if missing else (check, None)
+
+
+class _LineCache(EncoderDecoderCache):
+    """The cache `generate` is given: beam search reorders only its self-attention part (the
+    cross-attention keys and values are the same for every beam of a line), in the rows of
+    the lines still decoded."""
+
+    def __init__(self, config, batch: "_Batch"):
+        super().__init__(DynamicCache(config=config), DynamicCache(config=config))
+        self.batch, self.reorders = batch, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.reorders += 1
+        self.self_attention_cache.reorder_cache(self.batch.kept_rows(beam_idx))
+
+
+class _PerLineOff(Exception):
+    """The decoder did not go through the cross-attention modules' forward."""
+
+
 class _Batch:
     """One generate call's lines: what their beams share, and which are still decoded.
 
@@ -48,16 +105,17 @@ class _Batch:
     generate orders them: line x beams + beam), of the self-attention cache and of the
     per-line keys and values; `done` marks the lines whose outputs generate no longer reads."""
 
-    def __init__(self, model, states: torch.Tensor, num_beams: int, eos_token_ids: torch.Tensor):
-        self.model, self.states, self.keys_values = model, states, {}
-        self.beams, self.eos = num_beams, eos_token_ids
+    def __init__(self, model, states: torch.Tensor, eos_token_ids: torch.Tensor, off: set):
+        self.model, self.states, self.keys_values, self.eos = model, states, {}, eos_token_ids
+        self.per_line, self.leave_out = "per_line" not in off, "leave_out" not in off
         self.lines = torch.arange(len(states), device=states.device)
         self.done = torch.zeros(len(states), dtype=torch.bool, device=states.device)
-        self.forward = model.forward  # the model's own (under accelerate's autocast, if any)
-        self.cache = None
+        self.beams = 0  # rows per line: known at the first forward
+        self.cache, self.cache_name, self.rows, self.total = None, None, None, 0
+        self.attentions, self.attended, self.watched = 0, 0, 0
         config = model.config
         self.project = (
-            config.encoder.hidden_size != config.decoder.hidden_size
+            self.per_line and config.encoder.hidden_size != config.decoder.hidden_size
             and getattr(config.decoder, "cross_attention_hidden_size", None) is None
         )
 
@@ -65,6 +123,7 @@ class _Batch:
         """TrOCRAttention.forward as cross-attention, the rows of a line attending together
         to the line's keys and values. The same arithmetic: scaled query, one product with
         the keys, softmax, one product with the values, output projection."""
+        self.attended += 1
         if attention not in self.keys_values:
             if self.project:  # as VisionEncoderDecoderModel.forward, once
                 self.states, self.project = self.model.enc_to_dec_proj(self.states), False
@@ -82,30 +141,62 @@ class _Batch:
         output = (weights @ values).transpose(1, 2).reshape(rows, length, width)
         return attention.out_proj(output), None
 
-    def rows(self, lines: torch.Tensor) -> torch.Tensor:
+    def rows_of(self, lines: torch.Tensor) -> torch.Tensor:
         return (lines[:, None] * self.beams + torch.arange(self.beams, device=lines.device)).flatten()
 
-    def decode(self, decoder_input_ids=None, past_key_values=None, encoder_outputs=None, **kwargs):
-        """The model's forward for generate, on the rows of the lines still decoded."""
-        if past_key_values is None:  # no cache: generate feeds every row its whole sequence
-            return self.forward(decoder_input_ids=decoder_input_ids, encoder_outputs=encoder_outputs, **kwargs)
-        if self.cache is None:  # beam search reorders the cache by rows of the whole batch
-            self.cache = past_key_values
-            past_key_values.reorder_cache = partial(self.reorder, past_key_values)
-        if self.beams == 1 and past_key_values.get_seq_length() > 0:
-            self.done |= torch.isin(decoder_input_ids[:, -1], self.eos)
-        self.leave_out_finished()
+    def kept_rows(self, beam_idx: torch.LongTensor) -> torch.LongTensor:
+        """generate's beam indices into the whole batch, as indices into the rows kept (each
+        row continues a beam of its own line)."""
+        beam = beam_idx.view(-1, self.beams)[self.lines] % self.beams
+        first_row = torch.arange(len(self.lines), device=beam.device)[:, None] * self.beams
+        return (first_row + beam).flatten()
+
+    def find_cache(self, kwargs: dict) -> None:
+        """At the first forward: the keyword generate passes the cache under, if a known one,
+        and the rows per line."""
+        input_ids = kwargs.get("decoder_input_ids")
+        self.cache_name = next((name for name in CACHE_KEYWORDS if kwargs.get(name) is self.cache), "")
+        if input_ids is None or not self.cache_name:
+            self.cache_name, self.leave_out = "", False
+            _fall_back("leaving finished lines out",
+                       f"the model's forward got no decoder_input_ids, or the cache under none of {CACHE_KEYWORDS}")
+        else:
+            self.beams = len(input_ids) // len(self.states)
+
+    def before(self, module, args, kwargs):
+        """Forward pre-hook: notes the finished lines, leaves them out, and gives the forward
+        the rows of the lines still decoded."""
+        self.attended, self.rows = 0, None
+        if self.cache is None:
+            return None
+        if self.cache_name is None:
+            self.find_cache(kwargs)
+        if not self.leave_out:
+            return None
+        input_ids = kwargs["decoder_input_ids"]
+        if self.beams == 1 and self.cache.get_seq_length() > 0:  # greedy: a line is done at </s>
+            self.done |= torch.isin(input_ids[:, -1], self.eos)
+        if self.beams == 1 or self.cache.reorders:  # beam search: once the cache is known reordered here
+            self.leave_out_finished()
         if len(self.lines) == len(self.done):
-            return self.forward(decoder_input_ids=decoder_input_ids, past_key_values=past_key_values,
-                                encoder_outputs=encoder_outputs, **kwargs)
-        rows, total = self.rows(self.lines), len(decoder_input_ids)
-        kwargs = {name: value[rows] if torch.is_tensor(value) and len(value) == total else value
-                  for name, value in kwargs.items()}
-        outputs = self.forward(decoder_input_ids=decoder_input_ids[rows], past_key_values=past_key_values,
-                               encoder_outputs=BaseModelOutput(last_hidden_state=encoder_outputs[0][rows]), **kwargs)
-        logits = outputs.logits.new_zeros((total,) + outputs.logits.shape[1:])
-        logits[rows] = outputs.logits
-        return Seq2SeqLMOutput(logits=logits, past_key_values=outputs.past_key_values)
+            return None
+        self.rows, self.total = self.rows_of(self.lines), len(input_ids)
+        kwargs = {name: value[self.rows] if torch.is_tensor(value) and value.dim() and len(value) == self.total
+                  else value for name, value in kwargs.items()}
+        kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=kwargs["encoder_outputs"][0][self.rows])
+        return args, kwargs
+
+    def after(self, module, args, kwargs, outputs):
+        """Forward hook: zero logits for the rows left out; stops if the decoder did not use
+        the per-line cross-attention (its logits would be wrong)."""
+        if self.per_line and self.attended < self.attentions:
+            raise _PerLineOff
+        if self.rows is None:
+            return None
+        logits = outputs.logits.new_zeros((self.total,) + outputs.logits.shape[1:])
+        logits[self.rows] = outputs.logits
+        outputs.logits = logits
+        return outputs
 
     def leave_out_finished(self):
         """Keeps only the unfinished lines in the decoder's batch, its cache and the keys and
@@ -115,26 +206,30 @@ class _Batch:
         if 4 * int(finished.sum()) < len(self.lines) or bool(finished.all()):
             return
         keep = (~finished).nonzero().squeeze(1)
-        type(self.cache).batch_select_indices(self.cache, self.rows(keep))
+        self.cache.batch_select_indices(self.rows_of(keep))
         for pair in self.keys_values.values():
             pair[:] = [tensor[keep] for tensor in pair]
         self.lines = self.lines[keep]
 
-    def reorder(self, cache, beam_idx: torch.LongTensor):
-        """EncoderDecoderCache.reorder_cache with generate's indices into the whole batch
-        made indices into the rows kept (each row continues a beam of its own line)."""
-        beam = beam_idx.view(-1, self.beams)[self.lines] % self.beams
-        first_row = torch.arange(len(self.lines), device=beam.device)[:, None] * self.beams
-        type(cache).reorder_cache(cache, (first_row + beam).flatten())
-
-    def watch(self, check, **kwargs):
+    def watch(self, check, signature: inspect.Signature, *args, **kwargs):
         """generate's per-step test of whether a line can still improve (beam search): a
         line that cannot, or whose beams are all finished under early_stopping=True, is
         done, and generate adds -1e9 to every later candidate of it."""
-        unsatisfied = check(**kwargs)
-        full = kwargs["is_sent_finished"].all(dim=-1) & (kwargs["early_stopping"] is True)
+        self.watched += 1
+        unsatisfied = check(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        full = arguments["is_sent_finished"].all(dim=-1) & (arguments["early_stopping"] is True)
         self.done |= ~unsatisfied.squeeze(-1) | full
         return unsatisfied
+
+    def report(self, watching: bool) -> None:
+        """After generate: a hook beam search never called means its lines all stayed."""
+        if self.cache is None or not self.leave_out or self.beams <= 1:
+            return
+        if not self.cache.reorders:
+            _fall_back("leaving finished lines out", "beam search never called reorder_cache on the cache it was given")
+        if watching and not self.watched:
+            _fall_back(f"finished beam search lines ({EARLY_STOP})", "beam search never called it")
 
 
 def _restore(module, name: str, previous) -> None:
@@ -147,13 +242,24 @@ def _restore(module, name: str, previous) -> None:
 
 def _per_line_attentions(model, generate_kwargs) -> list[TrOCRAttention] | None:
     """The cross-attention modules `generate` replaces; None where it takes the stock path:
-    a decoder other than TrOCR's, or attentions, hidden states, scores or logits asked for
-    (those of finished lines would be missing)."""
+    a decoder other than TrOCR's, a cache of the caller's, attentions, hidden states,
+    scores or logits asked for (those of finished lines would be missing), or a
+    transformers version this module was not tested with (warned, counted)."""
     config = model.generation_config
     outputs = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
     if any(generate_kwargs.get(name, getattr(config, name)) for name in outputs):
         return None
-    return _cross_attentions(model)
+    if any(name in generate_kwargs for name in CACHE_KEYWORDS):
+        return None
+    attentions = _cross_attentions(model)
+    if attentions is None:
+        if isinstance(model.decoder, TrOCRForCausalLM):
+            _fall_back("batched generation", "the TrOCR decoder's layers have no TrOCRAttention encoder_attn")
+        return None
+    if transformers.__version__ not in TESTED_TRANSFORMERS:
+        _fall_back("batched generation", f"tested with transformers {', '.join(TESTED_TRANSFORMERS)} only")
+        return None
+    return attentions
 
 
 def encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -170,29 +276,78 @@ def generate(model, pixel_values: torch.Tensor, **generate_kwargs) -> torch.Long
     return _generate(model, attentions, encode(model, pixel_values), **generate_kwargs)
 
 
-def _generate(model, attentions: list[TrOCRAttention], states: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
+def _line_cache(model, batch: _Batch, generate_kwargs: dict) -> dict:
+    """The cache keyword for generate, where one is used and the forward takes a known one."""
     config = model.generation_config
+    if not generate_kwargs.get("use_cache", config.use_cache):
+        return {}
+    if generate_kwargs.get("cache_implementation", config.cache_implementation) is not None:
+        return {}  # a cache of the caller's kind: lines stay
+    name = _cache_keyword(model)
+    if name is None:
+        _fall_back("leaving finished lines out", f"{type(model).__name__}.forward takes none of {CACHE_KEYWORDS}")
+        return {}
+    batch.cache = _LineCache(model.config.get_text_config(decoder=True), batch)
+    return {name: batch.cache}
+
+
+@contextlib.contextmanager
+def _engaged(model, batch: _Batch, attentions: list[TrOCRAttention], check):
+    """The per-line cross-attention, the forward hooks and the beam search watch, in place
+    for one generate call."""
+    previous_check, previous_forwards = vars(model).get(EARLY_STOP), [vars(a).get("forward") for a in attentions]
+    handles = [model.register_forward_pre_hook(batch.before, with_kwargs=True),
+               model.register_forward_hook(batch.after, with_kwargs=True)]
+    try:
+        if batch.per_line:
+            batch.attentions = len(attentions)
+            for attention in attentions:
+                attention.forward = partial(batch.attend, attention)
+        if check is not None:
+            setattr(model, EARLY_STOP, partial(batch.watch, check, inspect.signature(check)))
+        yield
+    finally:
+        for attention, previous in zip(attentions, previous_forwards):
+            _restore(attention, "forward", previous)
+        _restore(model, EARLY_STOP, previous_check)
+        for handle in handles:
+            handle.remove()
+
+
+def _beam_watch(model, batch: _Batch, num_beams: int, off: set):
+    """The beam search test to watch, where lines can leave; a missing one is warned."""
+    if num_beams == 1 or batch.cache is None or not batch.leave_out or "early_stop" in off:
+        return None
+    check, reason = _early_stop_check(model)
+    if check is None:
+        _fall_back(f"finished beam search lines ({EARLY_STOP})", reason)
+    return check
+
+
+def _generate(model, attentions: list[TrOCRAttention], states: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
+    config, off = model.generation_config, _switched_off()
     eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=states.device)
-    batch = _Batch(model, states, generate_kwargs.get("num_beams", config.num_beams) or 1, eos)
-    previous_forward = vars(model).get("forward")
+    batch = _Batch(model, states, eos, off)
+    if generate_kwargs.get("do_sample", config.do_sample):
+        batch.leave_out = False  # left-out rows' logits would change what sampling draws for the others
+    if batch.leave_out and not hasattr(EncoderDecoderCache, "batch_select_indices"):
+        batch.leave_out = False
+        _fall_back("leaving finished lines out", "EncoderDecoderCache has no batch_select_indices")
+    cache = _line_cache(model, batch, generate_kwargs)
+    check = _beam_watch(model, batch, generate_kwargs.get("num_beams", config.num_beams) or 1, off)
+    # With the per-line cross-attention generate only needs the decoder: the encoder output
+    # it carries (expanded to the beams, projected at every step) is a placeholder of one position.
+    carried = states.new_zeros(len(states), 1, states.shape[-1]) if batch.per_line else states
     try:
-        for attention in attentions:
-            attention.forward = partial(batch.attend, attention)
-        # generate checks its keyword arguments against the forward's signature: the model's.
-        model.forward = wraps(batch.forward)(lambda *args, **kwargs: batch.decode(*args, **kwargs))
-        check = getattr(model, "_check_early_stop_heuristic", None)  # transformers 5's beam search
-        if check is not None:  # without it, beam search keeps every line in the batch
-            model._check_early_stop_heuristic = partial(batch.watch, check)
-        # generate only needs the decoder now: the encoder output it carries (expanded to
-        # the beams, projected at every step) is a placeholder of one position.
-        placeholder = states.new_zeros(len(states), 1, model.config.encoder.hidden_size)
-        return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=placeholder), **generate_kwargs)
-    finally:
-        for attention in attentions:
-            _restore(attention, "forward", None)  # back to TrOCRAttention.forward
-        _restore(model, "_check_early_stop_heuristic", None)
-        _restore(model, "forward", previous_forward)
+        with _engaged(model, batch, attentions, check):
+            sequences = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=carried),
+                                       **cache, **generate_kwargs)
+    except _PerLineOff:
+        _fall_back("per-line cross-attention", "the decoder did not call its encoder_attn modules' forward")
+        return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **generate_kwargs)
+    batch.report(watching=check is not None)
+    return sequences
 
 
 @contextlib.contextmanager
@@ -203,25 +358,27 @@ def generating_per_line(model):
     prediction step, which generates, then computes the evaluation loss on the same batch.
     (Under mixed precision that loss then sees the encoder's float32 output, the one
     generation uses, where the stock step ran the encoder again under autocast.)"""
-    previous_generate, previous_forward = vars(model).get("generate"), vars(model).get("forward")
-    stock_generate, stock_forward = model.generate, model.forward
+    previous_generate = vars(model).get("generate")
+    stock_generate = model.generate
     encoded = []  # [pixel values, encoder output] of the last generate call
 
     def routed(pixel_values=None, **generate_kwargs):
-        attentions = _per_line_attentions(model, generate_kwargs)
-        if pixel_values is None or attentions is None:  # e.g. generate's own call, with the placeholder
+        attentions = _per_line_attentions(model, generate_kwargs) if pixel_values is not None else None
+        if attentions is None:  # e.g. generate's own call, with the placeholder
             return stock_generate(pixel_values=pixel_values, **generate_kwargs)
         encoded[:] = [pixel_values, encode(model, pixel_values)]
         return _generate(model, attentions, encoded[1], **generate_kwargs)
 
-    def forward(*args, pixel_values=None, encoder_outputs=None, **kwargs):
-        if encoded and pixel_values is encoded[0] and encoder_outputs is None:
-            pixel_values, encoder_outputs = None, BaseModelOutput(last_hidden_state=encoded[1])
-        return stock_forward(*args, pixel_values=pixel_values, encoder_outputs=encoder_outputs, **kwargs)
+    def reuse_encoder_output(module, args, kwargs):
+        if encoded and kwargs.get("pixel_values") is encoded[0] and kwargs.get("encoder_outputs") is None:
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoded[1])
+            return args, {**kwargs, "pixel_values": None, "encoder_outputs": encoder_outputs}
+        return None
 
-    model.generate, model.forward = routed, wraps(stock_forward)(forward)
+    model.generate = routed
+    handle = model.register_forward_pre_hook(reuse_encoder_output, with_kwargs=True)
     try:
         yield
     finally:
         _restore(model, "generate", previous_generate)
-        _restore(model, "forward", previous_forward)
+        handle.remove()

@@ -10,6 +10,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .figures import training_curves_figure, worst_lines_figure
+from .generation import fallback_count
 from .metrics import line_cer
 
 logger = logging.getLogger("trocr_recipe")
@@ -118,7 +119,8 @@ def update_results(output_dir: str, results: dict) -> dict:
 def finish_run(output_dir: str, model_args, data_args, results: dict) -> dict:
     """The end of a run, main process only: all_results.json merged, the model card, and
     the headline figures logged."""
-    results = update_results(output_dir, results)
+    # Parts of generation's fast path off in this process's generate calls (each warned once).
+    results = update_results(output_dir, {**results, "generation_fast_path_fallbacks": fallback_count()})
     write_model_card(output_dir, model_args, data_args, results)
     shown = ("baseline_cer", "eval_cer", "eval_skipped_lines", "test_cer", "test_skipped_lines")
     logger.info("Results: %s", {key: results[key] for key in shown if key in results})
