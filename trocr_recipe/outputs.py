@@ -10,7 +10,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .figures import training_curves_figure, worst_lines_figure
-from .generation import fallback_count
 from .metrics import line_cer
 
 logger = logging.getLogger("trocr_recipe")
@@ -119,6 +118,10 @@ def update_results(output_dir: str, results: dict) -> dict:
 def finish_run(output_dir: str, model_args, data_args, results: dict) -> dict:
     """The end of a run, main process only: all_results.json merged, the model card, and
     the headline figures logged."""
+    # Imported here, not at the top: generation loads transformers, which compare_runs.py
+    # (a reader of this module's logs) does not need.
+    from .generation import fallback_count
+
     # Parts of generation's fast path off in this process's generate calls (each warned once).
     results = update_results(output_dir, {**results, "generation_fast_path_fallbacks": fallback_count()})
     write_model_card(output_dir, model_args, data_args, results)
