@@ -7,8 +7,9 @@
 
 MODEL is a run's output folder, one of its checkpoints or a Hub id. Folders are searched
 recursively for png, jpg, jpeg, tif, tiff, bmp, gif and webp files, in sorted order.
-Images go through the evaluation path of the recipe (RGB, bicubic resize to the
-processor's size, the processor's normalization), then batched beam search with the
+Images go through the evaluation path of the recipe (one gray channel or RGB, bicubic
+resize to the processor's size; the collator spreads a gray line over three channels and
+applies the processor's normalization), then batched beam search with the
 beams and maximum length of the model's generation_config unless --num_beams or
 --max_length say otherwise. Unreadable files are named on stderr with the reason and
 skipped; their count is printed at the end (and written to `<output>.skipped.json` with
