@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .checks import PITFALLS_DOC, Finding
+from .checks import PITFALLS_DOC, Finding, _same_id
 from .metrics import corpus_cer, decode
 from .modeling import generation_max_length
 
@@ -190,7 +190,7 @@ def check_configs_agree(model, tokenizer) -> list[Finding]:
     problems = []
     for key in SPECIAL_IDS:
         values = {where: held[key] for where, held in ids.items() if held[key] is not None}
-        wrong = key in expected and any(not _holds(value, expected[key]) for value in values.values())
+        wrong = key in expected and any(not _same_id(value, expected[key]) for value in values.values())
         if len({str(value) for value in values.values()}) > 1 or wrong:
             held = ", ".join(f"{where}={value}" for where, value in values.items())
             problems.append(f"{key}: {held}" + (f" (the tokenizer's is {expected[key]})" if wrong else ""))
@@ -210,10 +210,6 @@ def check_configs_agree(model, tokenizer) -> list[Finding]:
         "set decoder_start_token_id (tokenizer.eos_token_id), pad_token_id and eos_token_id on both configs from "
         "the tokenizer; put max_length, num_beams and other generation settings on model.generation_config only",
     )]
-
-
-def _holds(value, expected: int) -> bool:
-    return expected in value if isinstance(value, list) else value == expected
 
 
 def _generation_settings_on_config(model) -> list[str]:
@@ -660,5 +656,3 @@ def format_findings(findings: list[Finding]) -> str:
 def has_errors(findings: list[Finding]) -> bool:
     return any(finding.level == "error" for finding in findings)
 
-
-from .steptrace import ReferenceBatches, StepLog  # noqa: E402,F401
