@@ -122,11 +122,12 @@ def configure_generation(model, training_args, longest_label: int) -> None:
         change_setting(config, where, key, value, why, logging.INFO)
 
 
-def token_loss(logits, labels, num_items_in_batch=None):
+def token_loss(logits, labels, num_items_in_batch=None, label_smoothing: float = 0.0):
     """Cross-entropy summed over the label tokens and divided by the number of label tokens
     in the whole optimizer step (all accumulated micro-batches, all processes), as the
     reference trainer normalized it; a plain token mean when that count is not given."""
     loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum",
+        label_smoothing=label_smoothing,
     )
     return loss / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())

@@ -439,10 +439,7 @@ def _batch_losses(model, batch, tokens) -> dict:
         logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none"
     )  # (lines, positions), pads included
     mask = labels.ne(-100)
-    smoothed = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, label_smoothing=0.1,
-        reduction="sum",
-    )
+    smoothed = token_loss(logits, labels, 1, label_smoothing=0.1)
     padded = labels.masked_fill(~mask, tokens["pad_token_id"])
     padded_loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), padded, reduction="sum")
     bos_labels = _with_bos(labels, tokens["bos_token_id"])

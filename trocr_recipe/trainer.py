@@ -6,7 +6,6 @@ docs/compatibility.md ("## Trainer"), with the few private members still overrid
 import logging
 import os
 
-import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -48,14 +47,7 @@ def step_token_loss(label_smoothing: float = 0.0):
     the recipe's label smoothing (tests/test_trainer_compat.py::test_loss_*)."""
 
     def loss(outputs, labels, num_items_in_batch=None):
-        if not label_smoothing:
-            return token_loss(outputs.logits, labels, num_items_in_batch)
-        logits = outputs.logits.float()
-        summed = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum",
-            label_smoothing=label_smoothing,
-        )
-        return summed / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
+        return token_loss(outputs.logits, labels, num_items_in_batch, label_smoothing)
 
     return loss
 
