@@ -20,10 +20,11 @@ BASELINE = "baseline"  # metric prefix of the starting model's scores
 def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
     """Load a saved checkpoint's weights into `model` in place, strictly.
 
-    transformers 5 saves ViT encoder weights under their legacy names and renames them only
-    inside `from_pretrained`; Trainer's resume and load-best paths call `load_state_dict`
-    on the raw file, which silently leaves the whole encoder untouched (every key is
-    'missing' and 'unexpected'). Going through `from_pretrained` applies the renaming."""
+    transformers 5 saves the ViT encoder layers' weights under their legacy names and renames
+    them only inside `from_pretrained`; Trainer's resume and load-best paths call
+    `load_state_dict` on the raw file, which leaves the encoder layers untouched (each of
+    their keys 'missing' and 'unexpected'; the embeddings and final layernorm load).
+    Going through `from_pretrained` applies the renaming."""
     loaded = type(model).from_pretrained(checkpoint, **from_pretrained_kwargs)
     model.load_state_dict(loaded.state_dict(), strict=True)
 
