@@ -32,7 +32,7 @@ from trocr_recipe.generation import generate
 from trocr_recipe.loop import COMPLETE, EVAL_LOG
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import token_loss
-from trocr_recipe.outputs import StepLog, finish_run, write_training_curves
+from trocr_recipe.outputs import JsonlLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 
 logger = logging.getLogger("trocr_recipe")
@@ -245,7 +245,7 @@ def save(accelerator, args, model, processor, results) -> None:
     if accelerator.is_main_process:
         processor.save_pretrained(args.output_dir)
         eval_rows = [{"step": 0, "eval_cer": results["baseline_cer"]}] if "baseline_cer" in results else []
-        write_training_curves(args.output_dir, eval_rows + StepLog(args.output_dir, EVAL_LOG).read())
+        write_training_curves(args.output_dir, eval_rows + JsonlLog(args.output_dir, EVAL_LOG).read())
 
 
 def push_to_hub(training_args) -> None:

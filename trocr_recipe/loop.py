@@ -25,7 +25,7 @@ from transformers import Seq2SeqTrainer, get_scheduler, set_seed
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import align_special_tokens, enable_full_determinism, rotate_checkpoints, seed_worker
 
-from .outputs import LossLog, StepLog
+from .outputs import JsonlLog, LossLog
 from .trainer import load_checkpoint_weights, restore_starting_model
 
 logger = logging.getLogger("trocr_recipe")
@@ -324,7 +324,7 @@ class Progress:
         self.first_epoch = self.skip = 0  # the epoch it starts in, and the batches of it already trained
         if checkpoint:
             self.resume(checkpoint)
-        self.loss_log, self.eval_log = LossLog(training_args.output_dir), StepLog(training_args.output_dir, EVAL_LOG)
+        self.loss_log, self.eval_log = LossLog(training_args.output_dir), JsonlLog(training_args.output_dir, EVAL_LOG)
         if accelerator.is_main_process:
             self.loss_log.start(self.state.global_step)
             self.eval_log.start(self.state.global_step)

@@ -47,9 +47,6 @@ class JsonlLog:
         return read_jsonl(self.path) if self.path.exists() else []
 
 
-StepLog = JsonlLog  # the former name (trocr_recipe.steptrace.StepLog is a foreign loop's loss log)
-
-
 class LossLog(JsonlLog):
     """`loss_log.jsonl`: one {"step", "loss", "learning_rate", "epoch"} per optimizer step."""
 
