@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+from .checks import pitfall_doc
 from .data import OcrCollator
 from .modeling import token_loss
 from .outputs import LossLog, read_jsonl
@@ -407,13 +408,13 @@ def step_loss_variants(trace_dir) -> list[tuple[str, float, str]]:
         ("the reference loss (token sum / label tokens)", total("sum") / step_tokens, ""),
         ("pad tokens counted in the loss", total("padded_sum") / total("padded_tokens"),
          "pad the labels with -100, not the pad id, so that padding is no part of the loss "
-         "(docs/pitfalls.md#pitfall-3)"),
+         f"({pitfall_doc(3)})"),
         ("<s> kept in the labels", total("bos_sum") / total("bos_tokens"),
          "tokenize the labels with add_special_tokens=False and append </s>: no <s> in the labels "
-         "(docs/pitfalls.md#pitfall-2)"),
+         f"({pitfall_doc(2)})"),
         ("decoder started from <s>", total("start_bos_sum") / step_tokens,
          "set config.decoder_start_token_id (and the generation config's) to </s>, as the checkpoint was trained "
-         "(docs/pitfalls.md#pitfall-1)"),
+         f"({pitfall_doc(1)})"),
         ("mean of per-line means", total("line_means") / total("lines"),
          "divide the token sum by the step's label tokens, not a mean of per-line means"),
         ("label smoothing 0.1", total("smoothed_sum") / step_tokens,
