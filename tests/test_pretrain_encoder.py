@@ -50,6 +50,6 @@ def test_streamed_batches_are_the_lines_drawn_decoded_as_the_processor_does(tiny
     rows = torch.tensor([[3, 0, 5], [7, 7, 1]])
     batches = list(streamed_batches(train, "image", image_processor, rows))
     assert len(batches) == 2 and batches[0].shape == (3, 3, 32, 128)
+    whole = line_pixels(train, "image", image_processor)  # every line, at once
     for batch, drawn in zip(batches, rows.tolist()):
-        whole = line_pixels(train, "image", image_processor)  # every line, at once
         assert torch.equal(batch, whole[drawn])
