@@ -115,6 +115,13 @@ def test_trace_holds_every_step_and_the_settings(trace_run):
     assert "eval_cer" not in json.loads((trace_run / "all_results.json").read_text())
 
 
+def test_the_loop_check_module_offers_the_replay_pieces():
+    """`trocr_recipe.loopcheck` is the one import a foreign loop needs."""
+    from trocr_recipe import loopcheck, steptrace
+
+    assert loopcheck.ReferenceBatches is steptrace.ReferenceBatches and loopcheck.StepLog is steptrace.StepLog
+
+
 def test_reference_batches_are_the_named_lines_unaugmented(trace_run, tiny_data, tiny_model, processor):
     batches = ReferenceBatches(trace_run / "trace")
     assert len(batches) == STEPS

@@ -12,6 +12,10 @@ validation step. Nothing of the recipe's data path is involved.
 `evaluate(model, batch) -> list[str]` is your validation step on one batch (the texts it
 predicts); it is run beside `model.generate` and the teacher-forced argmax. From a shell,
 on a saved batch: `python check_loop.py --model DIR --batch batch.pt`.
+
+The step-by-step comparison's two pieces are here too (from trocr_recipe.steptrace):
+`ReferenceBatches(trace_dir)`, a reference run's exact batches, and `StepLog(output_dir)`,
+the log `compare_runs.py` reads.
 """
 
 import warnings
@@ -22,6 +26,9 @@ import torch
 from .checks import PITFALLS_DOC, Finding, _same_id
 from .metrics import corpus_cer, decode
 from .modeling import generation_max_length
+from .steptrace import ReferenceBatches, StepLog
+
+__all__ = ["check_loop", "format_findings", "has_errors", "LoopReport", "ReferenceBatches", "StepLog"]
 
 IGNORE_INDEX = -100  # label positions the loss skips
 DEFAULT_NEW_TOKENS = 20  # what generate() allows when the generation config sets no length
