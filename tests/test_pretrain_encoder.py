@@ -41,15 +41,15 @@ def test_pretraining_changes_only_the_encoder_and_the_model_still_loads(tiny_dat
     assert generated.shape[0] == 1 and not math.isnan(generated.float().sum().item())
 
 
-def test_streamed_batches_are_the_lines_drawn_decoded_as_the_processor_does(tiny_data):
-    from pretrain_encoder import line_pixels, streamed_batches
+def test_resized_lines_are_the_processors_pixel_values_at_a_fraction_of_the_memory(tiny_data):
+    from pretrain_encoder import ResizedLines, line_pixels
 
     train = load_from_disk(str(tiny_data))["train"]
-    image_processor = make_tiny_model.ViTImageProcessor(size={"height": 32, "width": 128}, image_mean=[0.5] * 3,
-                                                         image_std=[0.5] * 3)
-    rows = torch.tensor([[3, 0, 5], [7, 7, 1]])
-    batches = list(streamed_batches(train, "image", image_processor, rows))
-    assert len(batches) == 2 and batches[0].shape == (3, 3, 32, 128)
-    whole = line_pixels(train, "image", image_processor)  # every line, at once
-    for batch, drawn in zip(batches, rows.tolist()):
-        assert torch.equal(batch, whole[drawn])
+    image_processor = make_tiny_model.ViTImageProcessor(size={"height": 32, "width": 128}, resample=3,
+                                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    lines = ResizedLines(train, "image", image_processor)
+    assert lines.lines.dtype == torch.uint8 and lines.lines.shape == (len(train), 1, 32, 128)  # gray: one channel
+    rows = [3, 0, 5, 7, 7, 1]
+    by_processor = line_pixels(train, "image", image_processor, rows)
+    assert lines[rows].shape == by_processor.shape == (6, 3, 32, 128)
+    assert torch.allclose(lines[rows], by_processor, atol=1e-5)
