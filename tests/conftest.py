@@ -47,3 +47,16 @@ def tiny_args(tiny_data, tiny_model, tmp_path):
         "--dataset_name", str(tiny_data),
         "--output_dir", str(tmp_path / "run"),
     ]
+
+
+@pytest.fixture
+def bos_start_model(tiny_model, tmp_path) -> Path:
+    """The tiny model saved with the classic mistake: the decoder starting from <s> (id 0) on both configs."""
+    from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # <s>
+    path = tmp_path / "bos_start"
+    model.save_pretrained(path)
+    TrOCRProcessor.from_pretrained(tiny_model).save_pretrained(path)
+    return path

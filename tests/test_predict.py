@@ -134,13 +134,9 @@ def test_inputs_or_dataset_is_required(reading_model):
         predict.parse_args([str(reading_model)])
 
 
-def test_a_checkpoint_starting_from_bos_is_corrected_with_a_log_line(tiny_model, tmp_path, caplog):
-    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
-    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # <s>
-    model.save_pretrained(tmp_path / "bos_start")
-    TrOCRProcessor.from_pretrained(tiny_model).save_pretrained(tmp_path / "bos_start")
+def test_a_checkpoint_starting_from_bos_is_corrected_with_a_log_line(bos_start_model, caplog):
     with caplog.at_level("WARNING", logger="trocr_recipe"):
-        loaded, _ = predict.load_for_inference(str(tmp_path / "bos_start"))
+        loaded, _ = predict.load_for_inference(str(bos_start_model))
     assert loaded.generation_config.decoder_start_token_id == 2
     logged = " ".join(record.getMessage() for record in caplog.records)
     assert "model.generation_config.decoder_start_token_id 0 -> 2" in logged

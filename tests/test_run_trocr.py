@@ -177,18 +177,9 @@ def test_console_shows_the_training_logs_every_logging_steps(logging_steps, prin
     assert "eval_cer" in evaluation
 
 
-def _checkpoint_starting_from_bos(tiny_model, path):
-    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
-    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # <s>
-    model.save_pretrained(path)
-    TrOCRProcessor.from_pretrained(tiny_model).save_pretrained(path)
-    return path
-
-
-def test_a_checkpoints_wrong_start_token_is_logged_and_reported(tiny_args, tiny_model, tmp_path, capsys, caplog):
-    bos_start = _checkpoint_starting_from_bos(tiny_model, tmp_path / "bos_start")
+def test_a_checkpoints_wrong_start_token_is_logged_and_reported(tiny_args, bos_start_model, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="trocr_recipe"):
-        results = run_trocr.main(tiny_args + ["--model_name_or_path", str(bos_start), "--preflight_only"])
+        results = run_trocr.main(tiny_args + ["--model_name_or_path", str(bos_start_model), "--preflight_only"])
     logged = [record.getMessage() for record in caplog.records]
     for where in ("model.config", "model.generation_config"):
         assert any(f"{where}.decoder_start_token_id 0 -> 2" in line for line in logged), logged
