@@ -10,6 +10,7 @@ The recipe JSON gives the defaults, flags override them; `--help` lists every ar
 import logging
 import math
 
+import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -118,11 +119,21 @@ def main(argv=None):
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
     results = run.data_results()  # truncated labels and skipped lines per split
 
-    # 3. Baseline: the starting model on validation, before any update; when training, as
-    #    train() begins, once the model is wrapped for DDP (BaselineScore).
-    baseline = BaselineScore(
-        lambda: evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")[0]
-    )
+    # 3. Baseline: the starting model on validation (and test, with baseline_test), before any
+    #    update; when training, as train() begins, once the model is wrapped for DDP (BaselineScore).
+    def score_starting_model():
+        scores = {}
+        if data_args.baseline_test:
+            with torch.random.fork_rng():  # a data loader draws its seed: training stays as without it
+                scores, predictions = evaluate_split(trainer, metrics, inputs["test"], references["test"],
+                                                     "baseline_test")
+            run.report_split("test", scores, predictions, training_args.output_dir, data_args.image_column,
+                             trainer.is_world_process_zero(), prefix="baseline_test")
+        # Validation last: the evaluations during training score against these references.
+        return {**evaluate_split(trainer, metrics, inputs["validation"], references["validation"], "baseline")[0],
+                **scores}
+
+    baseline = BaselineScore(score_starting_model)
     if training_args.do_eval and training_args.do_train:
         trainer.add_callback(baseline)
     elif training_args.do_eval:

@@ -67,8 +67,15 @@ def main(argv=None):
     validate = partial(score, accelerator, model, loaders["validation"], processor.tokenizer, args,
                        run.references["validation"])
 
-    # 4. Baseline: the starting model on validation, before any update.
+    # 4. Baseline: the starting model on validation (and test, with baseline_test), before any update.
     if args.do_eval:
+        if data_args.baseline_test:
+            with torch.random.fork_rng():  # as run_trocr.py: training stays as without it
+                scores, predictions = score(accelerator, model, loaders["test"], processor.tokenizer, args,
+                                            run.references["test"], "baseline_test")
+            results.update(scores)
+            run.report_split("test", scores, predictions, args.output_dir, data_args.image_column,
+                             accelerator.is_main_process, prefix="baseline_test")
         baseline, _ = validate("baseline")
         results.update(baseline)
         logger.info("Baseline validation CER %.2f", baseline["baseline_cer"])

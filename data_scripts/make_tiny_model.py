@@ -31,7 +31,8 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # through every code path in seconds (tests, recipes/tiny.json).
 PRESETS = {
     "demo": dict(
-        hidden_size=160, patch_size=[32, 8], encoder_layers=2, vocab_size=300, init_std=0.08, pretrain_steps=3500
+        hidden_size=160, patch_size=[32, 8], encoder_layers=2, vocab_size=300, init_std=0.08, pretrain_steps=4000,
+        pretrain_learning_rate=2e-3,
     ),
     "tiny": dict(width=128, hidden_size=32, encoder_layers=1, decoder_layers=1, heads=2, vocab_size=300),
 }
@@ -144,6 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pretrain_steps", type=int, default=0,
         help="Steps of CTC pretraining of the encoder on the training lines (pretrain_encoder.py); 0: none.",
     )
+    parser.add_argument("--pretrain_learning_rate", type=float, default=1e-3, help="AdamW learning rate of that pretraining.")
     parser.add_argument("--image_column", default="image", help="Column of the line images (for pretraining).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the initial weights.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="Size defaults; explicit flags still override.")
@@ -169,7 +171,7 @@ def main(argv=None):
     if args.pretrain_steps:
         cer = pretrain_encoder(
             model.encoder, image_processor, dataset["train"], dataset["validation"], args.text_column,
-            args.image_column, args.pretrain_steps, seed=args.seed,
+            args.image_column, args.pretrain_steps, learning_rate=args.pretrain_learning_rate, seed=args.seed,
         )
         print(f"Encoder pretrained for {args.pretrain_steps} steps: its CTC head reads validation at CER {cer:.1f}")
     model.save_pretrained(args.output_dir)

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """What each pitfall does: "the loss goes down, the CER goes up", reproduced and explained.
 
-    make demo && python experiments/pitfalls.py            # about 2.5 minutes on a 2-core CPU
+    make demo && python experiments/pitfalls.py            # about 4 minutes on a 2-core CPU
 
-Starts from a converged checkpoint (the demo's trained model, runs/demo) and fine-tunes it
-for a fixed number of steps on its own training data, once as the recipe does (the reference
-row) and once per pitfall, each planted by the smallest change to the recipe's own pieces
-(numbered as in docs/pitfalls.md):
+The researcher's situation: a converged checkpoint (the demo's stage-1 model, runs/demo,
+trained on five synthetic hands) fine-tuned on a hand it has never seen (data/newhand), for
+a fixed number of steps, once as the recipe does (the reference row: its CER on the new
+hand must fall) and once per pitfall, each planted by the smallest change to the recipe's
+own pieces (numbered as in docs/pitfalls.md):
 
  1. the decoder starts from `<s>` (config and generation_config),
  2. `<s>` stays at the front of the labels (what `tokenizer(text)` gives by default),
@@ -53,7 +54,7 @@ from trocr_recipe.trainer import OcrTrainer  # noqa: E402
 logger = logging.getLogger("trocr_recipe")
 
 LOSS_WINDOW = 10  # steps: the first and the final training loss are means over this many (one step is noisy)
-CER_TOLERANCE = 0.5  # points: the reference row must hold its baseline within this
+CER_TOLERANCE = 0.5  # points: a CER within this of another is "steady"; the reference must improve by more
 LOSS_TOLERANCE = 0.1  # relative change of the loss below which it counts as flat
 README_START, README_END = "<!-- pitfalls:start -->", "<!-- pitfalls:end -->"
 
@@ -208,23 +209,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="runs/demo", help="Converged checkpoint folder to start every row from.")
-    parser.add_argument("--dataset", default="data/synthetic", help="Dataset it was trained on (dataset_name).")
+    parser.add_argument("--dataset", default="data/newhand", help="Dataset to fine-tune it on (dataset_name).")
     parser.add_argument(
         "--recipe",
-        default="recipes/demo.json",
+        default="recipes/demo_newhand.json",
         help="Recipe whose settings every row keeps (batch size, beams, schedule, seed, augmentation); the "
         "flags below override its steps, learning rate and warmup, and evaluation happens only before and after.",
     )
     parser.add_argument(
         "--output_dir", default="runs/pitfalls", help="Where pitfalls.md, pitfalls.json and one folder per row go."
     )
-    parser.add_argument("--max_steps", type=int, default=100, help="Optimizer steps of fine-tuning per row.")
+    parser.add_argument("--max_steps", type=int, default=120, help="Optimizer steps of fine-tuning per row.")
     parser.add_argument(
         "--learning_rate",
         type=float,
-        default=1e-4,
-        help="Peak learning rate of the reference row: a fine-tuning rate, small enough that the converged model "
-        "holds its CER (the paper fine-tuned at 2e-5). Row 9 uses ten times this.",
+        default=3e-4,
+        help="Peak learning rate of the reference row: a fine-tuning rate (that of recipes/demo_newhand.json; the "
+        "paper fine-tuned at 2e-5). Row 9 uses ten times this.",
     )
     parser.add_argument(
         "--warmup_steps", type=int, default=10, help="Linear warmup steps before the recipe's schedule."
@@ -381,17 +382,20 @@ def markdown(rows: list[dict], args) -> str:
         f"baseline is the starting checkpoint scored the way the row scores. Final training loss: mean of "
         f"the last {LOSS_WINDOW} steps (\"loss down\" compares it with the first {LOSS_WINDOW}).",
         "",
-        "| pitfall | what the user sees | baseline CER | CER after fine-tuning | final training loss |",
-        "|---|---|---|---|---|",
+        "| pitfall | what the user sees | baseline CER | CER after fine-tuning | after, against the reference's "
+        "| final training loss |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         baseline, after = f"{row['baseline_cer']:.2f}", f"{row['cer']:.2f}"
+        against = f"{row['cer'] - reference['cer']:+.2f}"
         if "generated_cer" in row:
             baseline += f" (generated {row['generated_baseline_cer']:.2f})"
             after += f" (generated {row['generated_cer']:.2f})"
+            against += f" (generated {row['generated_cer'] - reference['cer']:+.2f})"
         lines.append(
             f"| {row['title']} | {what_user_sees(row, reference['baseline_cer'])} | {baseline} | {after} | "
-            f"{row['final_loss']:.4f} |"
+            f"{against} | {row['final_loss']:.4f} |"
         )
     lines += ["", "Why:", ""] + [f"- **{row['title']}**: {row['why']}" for row in rows]
     return "\n".join(lines) + "\n"
@@ -422,12 +426,17 @@ def main(argv=None) -> list[dict]:
             "%s: CER %.2f -> %.2f, final loss %.4f (%.0f s)", pitfall.title, row["baseline_cer"], row["cer"],
             row["final_loss"], time.time() - row_started,
         )
-    drift = rows[0]["cer"] - rows[0]["baseline_cer"]
-    if abs(drift) > CER_TOLERANCE:
+    reference = rows[0]
+    if reference["baseline_cer"] - reference["cer"] <= CER_TOLERANCE:
         logger.warning(
-            "The reference row moved %.2f CER points (more than %.1f): the rows compare against a moving "
-            "reference; lower --learning_rate.", drift, CER_TOLERANCE,
+            "The reference row did not improve on %s (CER %.2f -> %.2f): the recipe's fine-tuning should; give it "
+            "more --max_steps or another --learning_rate before reading the rows against it.", args.dataset,
+            reference["baseline_cer"], reference["cer"],
         )
+    for row in rows[1:]:  # row 8 trains as the reference does: what is wrong there is the CER it reports
+        if "generated_cer" not in row and row["cer"] <= reference["cer"]:
+            logger.warning("%s ends at CER %.2f, no worse than the reference's %.2f", row["title"], row["cer"],
+                           reference["cer"])
 
     table = markdown(rows, args)
     output = Path(args.output_dir)

@@ -65,6 +65,7 @@ def test_every_row_is_reported(experiment):
         assert len(row["losses"]) == 3 and row["final_loss"] == pytest.approx(sum(row["losses"]) / 3)
         line = next(line for line in table.splitlines() if line.startswith(f"| {pitfall.title} |"))
         assert f"| {row['baseline_cer']:.2f}" in line and f"| {row['final_loss']:.4f} |" in line
+        assert f"| {row['cer'] - rows['reference']['cer']:+.2f}" in line  # after, against the reference's
         assert [step["step"] for step in read_jsonl(output / pitfall.name / "loss_log.jsonl")] == [1, 2, 3]
 
 

@@ -11,6 +11,7 @@ from datasets import load_from_disk
 from transformers import TrainerState, TrOCRProcessor, VisionEncoderDecoderModel
 
 import run_trocr
+import run_trocr_no_trainer
 from conftest import ROOT
 from trocr_recipe.data import encode_labels
 from trocr_recipe.modeling import generation_max_length
@@ -199,3 +200,32 @@ def test_the_tiny_recipe_without_make_tiny_says_to_run_it(tiny_args, tmp_path, m
     monkeypatch.chdir(tmp_path)  # no models/tiny here
     with pytest.raises(SystemExit, match=r"models/tiny: no such local folder.*Run `make tiny` first"):
         run_trocr.main(tiny_args + ["--model_name_or_path", "models/tiny"])
+
+
+@pytest.mark.parametrize("script", [run_trocr, run_trocr_no_trainer], ids=["trainer", "no_trainer"])
+def test_baseline_test_scores_the_starting_model_on_test(script, tiny_args, tmp_path):
+    """`baseline_test`: the test split read by the starting model before training, the
+    before of fine-tuning beside its after; the validation curve is untouched by it."""
+    trained = ["--learning_rate", "2e-2", "--load_best_model_at_end", "false", "--save_strategy", "no"]
+    with_test = script.main(tiny_args + trained + ["--baseline_test", "true"])
+    without = script.main(tiny_args[:-1] + [str(tmp_path / "without")] + trained)
+    start = run_trocr.main(tiny_args[:-1] + [str(tmp_path / "start"), "--do_train", "false", "--do_eval", "false"])
+
+    run = tmp_path / "run"
+    before = read_jsonl(run / "predictions_baseline_test.jsonl")
+    assert before == read_jsonl(tmp_path / "start" / "predictions_test.jsonl")
+    assert with_test["baseline_test_cer"] == start["test_cer"]
+    assert [row["prediction"] for row in read_jsonl(run / "predictions_test.jsonl")] != \
+        [row["prediction"] for row in before]  # training changed the readings: before is not after
+    assert (run / "worst_baseline_test.png").is_file()
+    # Training is the same as without it: the test pass does not move the data order or dropout.
+    assert read_jsonl(run / "loss_log.jsonl") == read_jsonl(tmp_path / "without" / "loss_log.jsonl")
+    for key in ("baseline_cer", "eval_cer", "test_cer"):
+        assert with_test[key] == without[key], key
+    assert "baseline_test_cer" not in without
+
+
+def test_baseline_test_needs_do_eval(tiny_args):
+    with pytest.raises(SystemExit, match="baseline_test .* needs do_eval"):
+        run_trocr.main(tiny_args + ["--baseline_test", "true", "--do_eval", "false", "--eval_strategy", "no",
+                                    "--load_best_model_at_end", "false"])

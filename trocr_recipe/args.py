@@ -86,6 +86,13 @@ class DataTrainingArguments:
     preflight_strict: bool = field(
         default=False, metadata={"help": "Preflight warnings stop the run too, as errors do."}
     )
+    baseline_test: bool = field(
+        default=False,
+        metadata={
+            "help": "The starting model is scored on the test split too, before training (baseline_test_cer in "
+            "all_results.json, predictions_baseline_test.jsonl): fine-tuning's before and after on the same lines."
+        },
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": "Stop when validation CER has not improved for this many evaluations (paper: 20 epochs)."},
@@ -279,4 +286,7 @@ def parse_recipe(argv: list[str] | None = None):
         raise SystemExit("model_name_or_path is required (in the recipe or as --model_name_or_path)")
     if data_args.dataset_name is None:
         raise SystemExit("dataset_name is required (in the recipe or as --dataset_name)")
+    if data_args.baseline_test and not training_args.do_eval:
+        raise SystemExit(f"{source}: baseline_test scores the starting model beside its validation baseline: "
+                         "it needs do_eval")
     return model_args, data_args, training_args

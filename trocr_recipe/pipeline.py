@@ -46,13 +46,16 @@ class RunInputs:
         return results
 
     def report_split(self, role: str, scores: dict, predictions: list[str], output_dir: str, image_column: str,
-                     main_process: bool) -> None:
-        """A split's final scores, the same in both loops: its predictions file and report
-        (main process only), then its CER and WER logged with the lines the data check skipped."""
+                     main_process: bool, prefix: str | None = None) -> None:
+        """A split's scores, the same in both loops: its predictions file and report (main
+        process only), then its CER and WER logged with the lines the data check skipped.
+        `prefix` names the scores and files (default: the final ones, RESULT_PREFIX[role])."""
+        name = prefix or role
         if main_process:
             images = self.inputs[role].with_format(None)[image_column]  # raw images, not transformed
-            write_split_report(output_dir, role, self.ids[role], self.references[role], predictions, images)
-        log_scores(role, RESULT_PREFIX[role], scores, self.references[role], predictions, self.skipped[role])
+            write_split_report(output_dir, name, self.ids[role], self.references[role], predictions, images)
+        log_scores(name.replace("_", " "), prefix or RESULT_PREFIX[role], scores, self.references[role], predictions,
+                   self.skipped[role])
 
 
 def setup_logging(training_args) -> None:
