@@ -138,3 +138,15 @@ def test_readme_table_goes_between_the_markers(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="pitfalls:start"):
         pitfalls.write_readme("| a | b |\n", readme)
+
+
+def test_a_reference_that_does_not_improve_and_rows_no_worse_are_named():
+    reference = {"title": "reference", "baseline_cer": 60.0, "cer": 59.8}
+    better = {"title": "1. better", "baseline_cer": 60.0, "cer": 59.0}
+    worse = {"title": "2. worse", "baseline_cer": 60.0, "cer": 70.0}
+    forced = {"title": "8. forced", "baseline_cer": 40.0, "cer": 30.0, "generated_cer": 59.8}
+    found = pitfalls.unexpected([reference, better, worse, forced], "data/newhand")
+    assert len(found) == 2
+    assert found[0].startswith("The reference row did not improve on data/newhand (CER 60.00 -> 59.80)")
+    assert found[1] == "1. better ends at CER 59.00, no worse than the reference's 59.80"
+    assert pitfalls.unexpected([{**reference, "cer": 30.0}, worse, forced], "data/newhand") == []
