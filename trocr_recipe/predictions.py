@@ -8,14 +8,14 @@ from collections.abc import Callable
 import torch
 
 from .metrics import corpus_cer, decode
-from .pitfalls.core import IGNORE_INDEX, Finding, Subject
+from .pitfalls.core import IGNORE_INDEX, NOT_CHECKED, Finding, Subject
 from .pitfalls.generation import room
 from .pitfalls.model import config_ids
 
 
 def _failed(number: int, what: str, error: Exception, fix: str) -> Finding:
     return Finding("not_checked", "warning", f"{what} failed, so pitfall {number} could not be checked on it.",
-                   pitfall=number, evidence=f"{type(error).__name__}: {error}", fix=fix)
+                   pitfall=number, evidence=f"{type(error).__name__}: {error}", effect=NOT_CHECKED, fix=fix)
 
 
 def generate(subject: Subject, pixels: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,8 @@ def evaluation_paths(subject: Subject, batch, evaluate: Callable | None, report,
             return None
     if len(theirs) != len(texts):
         report.append(Finding("not_checked", "warning", "Your validation step returned another number of lines.",
-                              pitfall=8, evidence=f"{len(theirs)} predictions for {len(texts)} lines"))
+                              pitfall=8, evidence=f"{len(theirs)} predictions for {len(texts)} lines", effect=NOT_CHECKED,
+                              fix="evaluate(model, batch) must return one predicted string per line of the batch"))
         return None
     paths.update(theirs=theirs, kinds=classify(theirs, paths))
     if subject.texts:

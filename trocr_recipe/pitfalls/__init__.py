@@ -5,7 +5,7 @@ at most one `Finding`; `run_checks` runs them all, each on its own, so that one 
 run becomes a note and the others still run."""
 
 from . import evaluation, forbidden, generation, labels, model, pixels  # noqa: F401  (registers the checks)
-from .core import CHECKS, PITFALLS_DOC, Finding, Subject, pitfall_doc
+from .core import CHECKS, NOT_CHECKED, PITFALLS_DOC, Finding, Subject, pitfall_doc
 
 __all__ = ["CHECKS", "PITFALLS_DOC", "Finding", "Subject", "pitfall_doc", "run_checks"]
 
@@ -22,7 +22,7 @@ def run_checks(subject: Subject, numbers=None) -> list[Finding]:
             found = Finding(
                 "not_checked", "warning", f"Pitfall {number} ({name}) could not be checked on these objects.",
                 pitfall=number, evidence=f"{type(error).__name__}: {error}",
-                fix="see the evidence; the other checks ran",
+                effect=NOT_CHECKED, fix="see the evidence; the other checks ran",
             )
         if found is not None:
             findings.append(found)

@@ -10,6 +10,7 @@ import torch
 PITFALLS_DOC = "docs/pitfalls.md"  # one section per pitfall, anchored pitfall-<number>
 IGNORE_INDEX = -100  # label positions the loss skips
 EXAMPLES = 2  # lines quoted as evidence
+NOT_CHECKED = "That pitfall is not checked on these objects; every other check ran."
 
 
 def pitfall_doc(number: int) -> str:

@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 from ..modeling import generation_max_length
 from .core import EXAMPLES, Part, Subject, merge, pitfall
 
-DEFAULT_MAX_LENGTH = 20  # what generate() allows when no config sets a length
+DEFAULT_NEW_TOKENS = 20  # what generate() allows when no config sets a length
 # Values of generation settings that change nothing (transformers' defaults; 4.x keeps them on model.config).
 NEUTRAL = {"max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
            "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
@@ -49,7 +49,7 @@ def room(generation) -> tuple[int, str]:
         return generation.max_new_tokens, f"max_new_tokens={generation.max_new_tokens}"
     if getattr(generation, "max_length", None) is not None:
         return generation.max_length - 1, f"max_length={generation.max_length}"
-    return DEFAULT_MAX_LENGTH - 1, f"max_length unset: transformers' default of {DEFAULT_MAX_LENGTH}"
+    return DEFAULT_NEW_TOKENS, f"max_length unset: transformers' default of {DEFAULT_NEW_TOKENS} new tokens"
 
 
 def _where(subject: Subject, key: str) -> str:
