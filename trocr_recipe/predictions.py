@@ -19,18 +19,17 @@ def _failed(number: int, what: str, error: Exception, fix: str) -> Finding:
 
 
 def generate(subject: Subject, pixels: torch.Tensor) -> torch.Tensor:
-    """generate() as the user's code calls it; where transformers refuses the model's settings,
-    the refusal is kept and decoding goes on with the settings as they were meant."""
+    """generate() with the settings decoding uses (`subject.generation`); where settings sit on
+    model.config, first as the user's code calls it, keeping transformers' refusal."""
     model = subject.model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return model.generate(pixel_values=pixels)
-        except ValueError as error:
-            if not subject.config_generation_settings:
-                raise
-            subject.generate_error = str(error).split(". ")[0][:200]
-            return model.generate(pixel_values=pixels, generation_config=subject.generation)
+        if subject.config_generation_settings:
+            try:
+                return model.generate(pixel_values=pixels)
+            except ValueError as error:
+                subject.generate_error = str(error).split(". ")[0][:200]
+        return model.generate(pixel_values=pixels, generation_config=subject.generation)
 
 
 def shift_right(labels: torch.Tensor, model, tokenizer) -> torch.Tensor:
@@ -89,7 +88,8 @@ def _run(model, step):
         model.train(training)
 
 
-def evaluation_paths(subject: Subject, batch, evaluate: Callable | None, report, theirs=None) -> dict | None:
+def evaluation_paths(subject: Subject, batch, evaluate: Callable | None, report, theirs=None,
+                     what: str = "your validation step") -> dict | None:
     """generate(), teacher forcing and the user's predictions (`evaluate(model, batch)` or
     `theirs`) on the batch, classified line by line; failures become findings in `report`."""
     model, tokenizer = subject.model, subject.tokenizer
@@ -130,5 +130,5 @@ def evaluation_paths(subject: Subject, batch, evaluate: Callable | None, report,
         if "teacher_forced" in paths:
             paths["scores"]["teacher_forced"] = corpus_cer(subject.texts, paths["teacher_forced"][1])
         report.scores.update(paths["scores"])
-    report.checked.append("evaluation: your validation step beside generate() and the teacher-forced argmax")
+    report.checked.append(f"evaluation: {what} beside generate() and the teacher-forced argmax")
     return paths

@@ -115,6 +115,15 @@ def merge(check, parts: list[Part]) -> Finding | None:
     )
 
 
+def combine(first: Finding, second: Finding) -> Finding:
+    """Two findings of one check (e.g. on the training and the evaluation lines) as one."""
+    join = lambda a, b, sep: sep.join(dict.fromkeys(value for value in (a, b) if value))  # noqa: E731
+    level = "error" if "error" in (first.level, second.level) else "warning"
+    return Finding(first.name, level, join(first.message, second.message, " "), pitfall=first.pitfall,
+                   evidence=join(first.evidence, second.evidence, "; "), effect=join(first.effect, second.effect, " "),
+                   fix=join(first.fix, second.fix, "; "))
+
+
 def quote(row: list[int], head: bool = True) -> str:
     return f"{row[:8]}{' ...' if len(row) > 8 else ''}" if head else f"[... {str(row[-8:])[1:]}"
 

@@ -57,8 +57,8 @@ def check_corpus_cer(subject: Subject):
     return merge(check_corpus_cer, [Part(
         "error", "Your compute_metrics averages the CER per line.",
         f"your {metrics['key']} {metrics['value']:.4g} equals the mean of the per-line rates "
-        f"({metrics['candidates']['per_line_mean']:.4g}); the corpus CER of the same predictions is "
-        f"{metrics['candidates']['corpus']:.4g}",
+        f"({metrics['score']:.4g}); the corpus CER of the same predictions is "
+        f"{metrics['candidates']['corpus'][0]:.4g}",
         "Short lines weigh as much as long ones: the figure is not the paper's CER and moves differently.",
         "jiwer.cer(references, predictions) on the whole list (total edits / total reference characters)",
     )])
@@ -66,7 +66,7 @@ def check_corpus_cer(subject: Subject):
 
 def _label_parts(subject: Subject) -> list[Part]:
     """Labels that decode to other text than their raw text (besides a lost first piece, pitfall 12)."""
-    if not subject.texts:
+    if not subject.texts or not subject.rows:
         return []
     cut = {line for line, _, _ in _cut_lines(subject)}
     limit = subject.max_target_length
@@ -95,13 +95,22 @@ def _metric_parts(subject: Subject) -> list[Part]:
     why = {"label_references": "the references are the label ids decoded back, not the raw texts",
            "cleaned": "the texts are decoded with clean_up_tokenization_spaces=True",
            "lowercased": "the texts are lower-cased before scoring"}.get(metrics.get("matches"))
+    if metrics.get("matches") == "none":
+        return [Part(
+            "warning", "Your compute_metrics gives another CER than the corpus CER of the same predictions.",
+            f"your {metrics['key']} {metrics['value']:.4g}; against the raw texts, predictions decoded without "
+            f"clean-up, the corpus CER is {metrics['candidates']['corpus'][0]:.4g} (or {metrics['candidates']['corpus'][0] / 100:.4g} "
+            "as a fraction)",
+            "Validation is scored otherwise than the paper's CER: its figures cannot be compared with published ones.",
+            "jiwer.cer(raw_texts, predictions) over the whole evaluation set",
+        )]
     if not why:
         return []
     return [Part(
         "error", f"Your compute_metrics scores something other than the raw texts: {why}.",
         f"your {metrics['key']} {metrics['value']:.4g} equals that variant "
-        f"({metrics['candidates'][metrics['matches']]:.4g}); scored against the raw texts with predictions decoded "
-        f"without clean-up it is {metrics['candidates']['corpus']:.4g}"
+        f"({metrics['score']:.4g}); scored against the raw texts with predictions decoded "
+        f"without clean-up it is {metrics['candidates']['corpus'][0]:.4g}"
         + (f"; e.g. reference {metrics['example'][0]!r} scored as {metrics['example'][1]!r}"
            if metrics.get("example") else ""),
         "The text scored is not the ground truth (the tokenizer's clean-up glues IAM's 'presto !' into 'presto!'): "
