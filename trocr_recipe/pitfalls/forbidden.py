@@ -29,27 +29,29 @@ def blockers(generation, start: int) -> dict[str, tuple]:
     g = lambda key: getattr(generation, key, None)  # noqa: E731
     found = {}
     if (size := g("no_repeat_ngram_size")) and size > 0:
-        found["no_repeat_ngram_size"] = (size, lambda row: _repeats_ngram([start, *row], size),
+        found["no_repeat_ngram_size"] = (size, lambda row, size=size: _repeats_ngram([start, *row], size),
                                          f"a token sequence of {size} that occurs twice can never be written")
     if (penalty := g("repetition_penalty")) is not None and penalty != 1.0:
         found["repetition_penalty"] = (penalty, lambda row: len(set([start, *row])) < len(row) + 1,
                                        "every token already written (the start token </s> included, so the end "
                                        "of the line too) is scored down")
     if (least := g("min_length")) and least > 0:
-        found["min_length"] = (least, lambda row: len(row) < least, "</s> is forbidden before that length")
+        found["min_length"] = (least, lambda row, least=least: len(row) < least,
+                               "</s> is forbidden before that length")
     if (least := g("min_new_tokens")) and least > 0:
-        found["min_new_tokens"] = (least, lambda row: len(row) - 1 < least, "</s> is forbidden before that many tokens")
+        found["min_new_tokens"] = (least, lambda row, least=least: len(row) - 1 < least,
+                                   "</s> is forbidden before that many tokens")
     if bad := g("bad_words_ids"):
-        found["bad_words_ids"] = (bad, lambda row: any(_contains(row, list(words)) for words in bad),
+        found["bad_words_ids"] = (bad, lambda row, bad=bad: any(_contains(row, list(words)) for words in bad),
                                   "those token sequences can never be written")
     if suppressed := g("suppress_tokens"):
-        found["suppress_tokens"] = (suppressed, lambda row: bool(set(row) & set(suppressed)),
+        found["suppress_tokens"] = (suppressed, lambda row, banned=suppressed: bool(set(row) & set(banned)),
                                     "those tokens can never be written")
     if first := g("begin_suppress_tokens"):
-        found["begin_suppress_tokens"] = (first, lambda row: bool(row) and row[0] in first,
+        found["begin_suppress_tokens"] = (first, lambda row, first=first: bool(row) and row[0] in first,
                                           "no line can start with those tokens")
     if (forced := g("forced_bos_token_id")) is not None:
-        found["forced_bos_token_id"] = (forced, lambda row: not row or row[0] != forced,
+        found["forced_bos_token_id"] = (forced, lambda row, forced=forced: not row or row[0] != forced,
                                         "every line is forced to start with that token")
     return found
 
