@@ -210,7 +210,7 @@ def _metrics(trainer, subject, ids, report) -> dict | None:
 
     labels = subject.labels
     try:
-        result = trainer.compute_metrics(EvalPrediction(predictions=np.array(ids), label_ids=labels.numpy().copy()))
+        result = trainer.compute_metrics(EvalPrediction(predictions=ids.numpy().copy(), label_ids=labels.numpy().copy()))
     except Exception as error:
         report.append(_not_checked("Your compute_metrics on the evaluation lines", error,
                                    "compute_metrics(EvalPrediction(predictions=ids, label_ids=labels)) must run",
@@ -221,8 +221,13 @@ def _metrics(trainer, subject, ids, report) -> dict | None:
         report.checked.append("compute_metrics: " + ("no CER in its result" if found is None else
                                                      "not compared, the evaluation texts were not found (eval_texts=)"))
         return None
-    key, value = found
-    candidates, example = metric_candidates(subject.tokenizer, subject.texts, ids, labels)
+    return compare_metric(subject.tokenizer, subject.texts, ids, labels, *found)
+
+
+def compare_metric(tokenizer, texts, ids, labels, key: str, value: float) -> dict:
+    """Which way of scoring the predictions `ids` gives the user's `value`: the corpus CER of the
+    raw texts, or one of the wrong ways (see metric_candidates)."""
+    candidates, example = metric_candidates(tokenizer, texts, ids, labels)
     matches = next((name for name, score in candidates.items() if _same_score(value, score)), "none")
     score = next((score for score in candidates.get(matches, []) if _same_score(value, score)), None)
     return {"key": key, "value": value, "candidates": candidates, "matches": matches, "score": score,
