@@ -227,3 +227,52 @@ def test_a_check_that_raises_becomes_a_note(model, processor):
     findings = run_checks(Subject(model, Exploding(), rows=[[5, 1]]), numbers=[6])
     assert [(finding.name, finding.pitfall) for finding in findings] == [("not_checked", 6)]
     assert "RuntimeError: a tokenizer of one's own" in findings[0].evidence
+
+
+class LineReader(torch.nn.Module):
+    """A Lightning-style module, as such modules are written: the model and processor inside,
+    training_step / validation_step, and the check from the hook that runs before training."""
+
+    def __init__(self, model, processor, loader):
+        super().__init__()
+        self.model, self.processor, self.train_loader = model, processor, loader
+        self.report = None
+
+    def training_step(self, batch, batch_idx):
+        return self.model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+
+    def predict_texts(self, batch):
+        ids = self.model.generate(pixel_values=batch["pixel_values"])
+        return self.processor.batch_decode(ids, skip_special_tokens=True)
+
+    def on_train_start(self):
+        batch = next(iter(self.train_loader))
+        self.report = check_loop(self.model, self.processor, batch, texts=batch["texts"],
+                                 evaluate=lambda model, batch: self.predict_texts(batch))
+
+
+def test_a_lightning_style_module_checks_itself(model, processor, batch):
+    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # cls, as tutorials do
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    module = LineReader(model, processor, loader)
+    module.on_train_start()
+    assert "decoder_start_bos" in [finding.name for finding in module.report]
+    assert "evaluation" in module.report.checked[-1]
+
+
+def test_the_cost_experiment_runs_on_the_tiny_model(tiny_model, tiny_data, processor, tmp_path):
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import forbidden_settings
+
+    rows = forbidden_settings.main(["--model", str(tiny_model), "--dataset", str(tiny_data), "--repeats", "4",
+                                    "--output", str(tmp_path / "out.json")])
+    by_name = {row["settings"]: row for row in rows}
+    assert by_name["the model's own (the recipe's)"]["repeats_forbidden"] == 0
+    texts = forbidden_settings.repeat_texts(4, random.Random(0))  # the lines it rendered
+    rows_of = [ids + [2] for ids in processor.tokenizer(texts, add_special_tokens=False).input_ids]
+    expected = impossible_by_transformers(NoRepeatNGramLogitsProcessor(3), rows_of, 2)
+    assert by_name["no_repeat_ngram_size=3"]["repeats_forbidden"] == expected > 0
+    assert all(row["test_lines"] > 0 and row["test_cer"] >= 0 for row in rows)
