@@ -276,3 +276,12 @@ def test_the_cost_experiment_runs_on_the_tiny_model(tiny_model, tiny_data, proce
     expected = impossible_by_transformers(NoRepeatNGramLogitsProcessor(3), rows_of, 2)
     assert by_name["no_repeat_ngram_size=3"]["repeats_forbidden"] == expected > 0
     assert all(row["test_lines"] > 0 and row["test_cer"] >= 0 for row in rows)
+
+
+def test_the_tiny_tokenizer_names_its_special_tokens_as_the_checkpoints_do(processor):
+    """Community code reads cls_token_id / sep_token_id: <s> and </s> on the TrOCR checkpoints."""
+    tokenizer = processor.tokenizer
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert (tokenizer.cls_token_id, tokenizer.sep_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert tokenizer.mask_token_id == len(tokenizer) - 1 and tokenizer.mask_token == "<mask>"
+    assert tokenizer("a b").input_ids[0] == 0 and tokenizer("a b").input_ids[-1] == 2  # RoBERTa's <s> text </s>
