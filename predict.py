@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from trocr_recipe.args import ModelArguments
 from trocr_recipe.augment import resize_to_tensor, to_gray_or_rgb
+from trocr_recipe.errors import run_cli
 from trocr_recipe.data import OcrCollator, image_size, line_ids
 from trocr_recipe.generation import generate
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
@@ -151,8 +152,8 @@ def transcribe(model, processor, images: Iterable[tuple[str, torch.Tensor]], bat
 def load_for_inference(name: str):
     """Model and processor as the recipe loads them (special tokens set on both configs)."""
     model_args = ModelArguments(model_name_or_path=name)
-    processor = load_processor(model_args)
-    model, _ = load_model(model_args, processor.tokenizer)  # each change to the checkpoint is logged
+    processor = load_processor(model_args, "model")
+    model, _ = load_model(model_args, processor.tokenizer, "model")  # each change to the checkpoint is logged
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
 
 
@@ -170,7 +171,7 @@ def write_outputs(rows: list[dict], skipped: list[tuple[str, str]], key: str, ou
     print(f"transcribed {len(rows)} image(s), skipped {len(skipped)} unreadable{where}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def transcribe_all(argv=None) -> int:
     args = parse_args(argv)
     key = "id" if args.dataset else "path"
     references = None
@@ -196,6 +197,11 @@ def main(argv=None) -> int:
     if not rows:
         print("no image could be read", file=sys.stderr)
     return 0 if rows else 1
+
+
+def main(argv=None) -> int:
+    """The exit status: 0, 1 (no image could be read) or 2 (bad input, one `error:` line on stderr)."""
+    return run_cli(transcribe_all, argv)
 
 
 if __name__ == "__main__":

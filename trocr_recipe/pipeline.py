@@ -16,7 +16,7 @@ from .checks import run_preflight
 from .data import (
     OcrCollator, line_ids, load_splits, longest_label, normalize_on_device, tokenize_splits, with_image_transforms,
 )
-from .modeling import configure_generation, load_model, load_processor
+from .modeling import check_model_source, configure_generation, load_model, load_processor
 from .outputs import log_scores, write_split_report
 from .validate import check_splits
 
@@ -74,6 +74,7 @@ def setup_logging(training_args) -> None:
 
 def prepare_run(model_args, data_args, training_args) -> RunInputs:
     # Data before the model: a wrong column or split name stops the run in seconds.
+    check_model_source(model_args)
     processor = load_processor(model_args)
     with training_args.main_process_first(desc="dataset loading, data check and label tokenization"):
         splits = load_dataset_splits(data_args, model_args.cache_dir)

@@ -18,7 +18,8 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .checks import pitfall_doc
 from .data import OcrCollator
-from .modeling import token_loss
+from .errors import BadInput
+from .modeling import pretrained, token_loss
 from .outputs import LossLog, read_jsonl
 
 logger = logging.getLogger("trocr_recipe")
@@ -203,9 +204,11 @@ def starting_model(settings: dict):
     """The trace's starting weights, special tokens as the reference set them, dropout off."""
     from transformers import VisionEncoderDecoderModel
 
-    model = VisionEncoderDecoderModel.from_pretrained(
-        settings["model_name_or_path"], revision=settings.get("model_revision") or "main"
-    )
+    try:  # never the folder's own code; an error the caller reports as a ValueError
+        model = pretrained(VisionEncoderDecoderModel, settings["model_name_or_path"], "the trace's model_name_or_path",
+                           revision=settings.get("model_revision") or "main")
+    except BadInput as error:
+        raise ValueError(str(error)) from None
     tokens = settings["special_tokens"]
     for config in (model.config, model.generation_config):
         config.decoder_start_token_id = tokens["decoder_start_token_id"]
