@@ -38,7 +38,8 @@ __all__ = ["BAD_INPUT", "BadInput", "main"]
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Checkpoint folder (or Hub id) of your VisionEncoderDecoderModel.")
     parser.add_argument(
         "--batch", required=True, type=Path,
@@ -62,7 +63,7 @@ def load_batch(path: Path) -> dict:
         ) from None
     try:
         validate_batch(batch, batch.get("texts") if isinstance(batch, dict) else None)
-    except ValueError as error:
+    except (ValueError, TypeError, RuntimeError) as error:  # torch.as_tensor of labels raises all three
         raise BadInput(f"{path}: {error}") from None
     return batch
 

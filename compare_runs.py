@@ -227,7 +227,8 @@ def check_first_batches(trace: Path, steps: list[tuple[int, dict]]) -> None:
         for part in parts:
             name = part.get("file")
             if not isinstance(name, str) or Path(name).name != name:
-                raise BadInput(f'{path}, line {n}: "file" {json.dumps(name)[:80]} is not a file name of the trace folder')
+                raise BadInput(f'{path}, line {n}: "file" {json.dumps(name)[:80]} is not a file name of the trace '
+                               "folder")
             try:
                 with safe_open(trace / name, "pt") as tensors:
                     keys = set(tensors.keys())
@@ -260,7 +261,8 @@ def read_eval_curve(folder: Path, max_steps: int | None) -> tuple[dict[int, floa
         raise BadInput(f"{state}: log_history is {type(history).__name__}, not a list of log entries")
     bad = next((e for e in history if isinstance(e, dict) and "eval_cer" in e and not _is_score(e["eval_cer"])), None)
     if bad is not None:
-        raise BadInput(f"{state}: eval_cer {json.dumps(bad['eval_cer'])} at step {bad.get('step')} is not a finite number")
+        raise BadInput(f"{state}: eval_cer {json.dumps(bad['eval_cer'])} at step {bad.get('step')} is not a finite "
+                       "number")
     curve = {
         entry["step"]: float(entry["eval_cer"])
         for entry in history
@@ -696,7 +698,8 @@ def plot(a: Run, b: Run, rtol: float, path: Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_a", help="the reference run: its output folder, or its loss_log.jsonl")
     parser.add_argument("run_b", help="the run to check: its output folder, or its loss_log.jsonl")
     parser.add_argument(
@@ -748,7 +751,8 @@ def plot_path(path: Path) -> Path:
     if not path.suffix:
         path = path.with_suffix(".png")
     if path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
-        raise BadInput(f"--plot {path}: format {path.suffix} not supported; use one of {', '.join(sorted(PLOT_FORMATS))}")
+        formats = ", ".join(sorted(PLOT_FORMATS))
+        raise BadInput(f"--plot {path}: format {path.suffix} not supported; use one of {formats}")
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise BadInput(f"--plot {path}: {blocking} is a file, not a folder")

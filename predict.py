@@ -51,7 +51,8 @@ ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="trained model: a run's output folder, a checkpoint folder or a Hub id")
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders (searched recursively)")
     parser.add_argument("--dataset", help="transcribe a dataset split instead: a save_to_disk folder or anything "
@@ -115,7 +116,8 @@ def dataset_images(path: str, split: str, image_column: str, id_column: str, tex
     for flag, column in (("--image_column", image_column), ("--text_column", text_column)):
         if column is not None and column not in lines.column_names:
             columns = ", ".join(lines.column_names)
-            raise BadInput(f"--dataset {path}: split '{split}' has no column '{column}' ({flag}); its columns: {columns}")
+            raise BadInput(f"--dataset {path}: split '{split}' has no column '{column}' ({flag}); its columns: "
+                           f"{columns}")
     lines = lines.cast_column(image_column, ImageFeature(decode=False))
     sources = (io.BytesIO(cell["bytes"]) if cell["bytes"] else cell["path"] for cell in lines[image_column])
     ids = line_ids(lines, id_column)

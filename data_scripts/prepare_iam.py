@@ -494,7 +494,7 @@ def push(dataset: datasets.DatasetDict, card: str, repo: str, private: bool) -> 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--iam_root", type=Path, required=True, metavar="DIR",
                         help="folder with IAM as distributed: lines/ or lines.tgz, ascii/ or ascii.tgz, "

@@ -88,7 +88,8 @@ def read_json_object(path, fix: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise BadInput(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); {fix}") from None
+        where = f"line {error.lineno}, column {error.colno}"
+        raise BadInput(f"{path}: not valid JSON ({where}: {error.msg}); {fix}") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not UTF-8 text; {fix}") from None
     except RecursionError:

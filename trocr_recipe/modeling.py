@@ -70,7 +70,8 @@ def check_folder(name: str, flag: str, trust_remote_code: bool = False, model: b
         for file in CODE_MAPS:
             if (folder / file).is_file() and "auto_map" in _json(folder / file, flag, name):
                 raise BadInput(f"{flag} {name}: {file} maps a class to Python code in the folder (auto_map); this "
-                               "tool never runs code from a model folder: save the model with transformers' own classes")
+                               "tool never runs code from a model folder: save the model with transformers' own "
+                               "classes")
     if not model:
         return
     if not (folder / "config.json").is_file():
