@@ -43,7 +43,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trocr_recipe.errors import ArgumentParser, BadInput, finite, run_cli
+from trocr_recipe.errors import ArgumentParser, BadInput, finite, read_json_object, run_cli
 from trocr_recipe.outputs import LOSS_LOG, RESULTS
 
 TRACE = "trace"  # a trace run's folder of batches and settings (trocr_recipe.steptrace)
@@ -108,20 +108,6 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
             raise BadInput(f"{path}, line {n}: expected a JSON object, got {json.dumps(row)[:80]}")
         numbered.append((n, row))
     return numbered
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BadInput(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
-    except (ValueError, RecursionError) as err:
-        raise BadInput(f"{path}: not valid JSON ({str(err).split(';')[0]})") from None
-    except OSError as err:
-        raise BadInput(f"{path}: cannot read ({err})") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a JSON object")
-    return data
 
 
 def _is_number(value) -> bool:
@@ -256,7 +242,7 @@ def read_eval_curve(folder: Path, max_steps: int | None) -> tuple[dict[int, floa
     state = latest_trainer_state(folder)
     if state is None:
         return {}, None
-    history = read_json(state).get("log_history", [])
+    history = read_json_object(state).get("log_history", [])
     if not isinstance(history, list):
         raise BadInput(f"{state}: log_history is {type(history).__name__}, not a list of log entries")
     bad = next((e for e in history if isinstance(e, dict) and "eval_cer" in e and not _is_score(e["eval_cer"])), None)
@@ -286,7 +272,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 def read_results(path: Path) -> dict:
     """all_results.json; a CER or WER in it that is not a finite number is bad input."""
-    results = read_json(path)
+    results = read_json_object(path)
     for key, value in results.items():
         if key.endswith(("_cer", "_wer")) and isinstance(value, (int, float)) and not _is_score(value):
             raise BadInput(f"{path}: {key} is {value}, not a finite number; a CER or WER is a percentage")

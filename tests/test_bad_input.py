@@ -100,15 +100,15 @@ def test_output_dir_that_would_write_over_inputs_is_refused(tiny_args, tiny_mode
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[]", "expected a JSON object"),
-    ("{\"learning_rate\": 1", "not valid JSON"),
-    ("{}", "records no model_name_or_path"),
+    ("[]", ": expected a JSON object"),
+    ("{\"learning_rate\": 1", ", line 1: not valid JSON"),
+    ("{}", ": records no model_name_or_path"),
 ])
 def test_a_damaged_run_recipe_stops_the_resume(tiny_args, tmp_path, content, message):
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
     (out / RUN_RECIPE).write_text(content)
-    with pytest.raises(BadInput, match=f"{RUN_RECIPE}: {message}"):
+    with pytest.raises(BadInput, match=f"{RUN_RECIPE}{message}"):
         claim_output_dir(*recipe(tiny_args, "--learning_rate", "1e-3"))
 
 
@@ -117,7 +117,7 @@ def test_a_broken_all_results_is_found_before_training(tiny_args, tmp_path):
     claim_output_dir(model_args, data_args, training_args)
     (tmp_path / "run" / "checkpoint-2").mkdir()
     (tmp_path / "run" / "all_results.json").write_text('{"eval_cer": 3')
-    with pytest.raises(BadInput, match="all_results.json: not valid JSON.*remove it"):
+    with pytest.raises(BadInput, match="all_results.json, line 1: not valid JSON.*remove it"):
         claim_output_dir(model_args, data_args, training_args)
 
 
@@ -140,7 +140,7 @@ def test_numbers_out_of_range_stop_before_anything_loads(tiny_args, flags, messa
 def test_a_recipe_that_is_a_folder_or_not_utf8_is_named(tmp_path):
     (tmp_path / "folder.json").mkdir()
     (tmp_path / "latin.json").write_bytes(b'{"learning_rate": "\xe9"}')
-    with pytest.raises(BadInput, match="folder.json: cannot read the recipe"):
+    with pytest.raises(BadInput, match="folder.json: cannot read"):
         parse_recipe([str(tmp_path / "folder.json")])
     with pytest.raises(BadInput, match="latin.json: not UTF-8"):
         parse_recipe([str(tmp_path / "latin.json")])

@@ -21,7 +21,7 @@ check_loop = importlib.import_module("check_loop")
 # What each folder's error line must say (beyond its path).
 EXPECTED = {
     "no_config": "no config.json",
-    "empty_config": "config.json: not valid JSON",
+    "empty_config": "config.json, line 1: not valid JSON",
     "list_config": "config.json: expected a JSON object",
     "foreign_config": "model_type 'bert'",
     "no_decoder": "no decoder config",
@@ -29,7 +29,7 @@ EXPECTED = {
     "truncated_safetensors": "SafetensorError",
     "pickle_bin": "pickle torch.load(weights_only=True) refuses",
     "int_tokenizer_class": "cannot load a TrOCRProcessor",
-    "bad_generation_config": "generation_config.json: not valid JSON",
+    "bad_generation_config": "generation_config.json, line 1: not valid JSON",
     "not_utf8_config": "config.json: not UTF-8",
     "custom_code": "maps a class to Python code in the folder",
 }

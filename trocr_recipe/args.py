@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from .errors import BadInput
+from .errors import BadInput, read_json_object
 
 
 @dataclass
@@ -240,20 +240,9 @@ def _json_kind(value) -> str:
 
 
 def load_recipe(path: str, annotations: dict[str, object]) -> dict:
-    try:
-        recipe = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: recipe file not found") from None
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}): {error.msg}") from None
-    except UnicodeDecodeError:
-        raise BadInput(f"{path}: not UTF-8 text; save the recipe as UTF-8 JSON") from None
-    except RecursionError:
-        raise BadInput(f"{path}: JSON nested too deeply; a recipe is one object of argument names to values") from None
-    except OSError as error:
-        raise BadInput(f"{path}: cannot read the recipe ({error.strerror or error}); give a JSON file") from None
-    if not isinstance(recipe, dict):
-        raise SystemExit(f"{path}: a recipe is a JSON object of argument names to values")
+    if not Path(path).exists():
+        raise BadInput(f"{path}: recipe file not found")
+    recipe = read_json_object(path, "a recipe is one JSON object of argument names to values, in UTF-8")
     unknown = sorted(set(recipe) - set(annotations))
     if unknown:
         raise SystemExit(f"{path}: unknown recipe key(s): {', '.join(unknown)}")

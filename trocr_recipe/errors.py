@@ -82,20 +82,20 @@ def atomic_write_text(path, text: str) -> None:
         raise
 
 
-def read_json_object(path, fix: str) -> dict:
+def read_json_object(path, fix: str = "") -> dict:
     """A JSON object from `path`; anything else (unreadable, not UTF-8, not JSON, another JSON
-    value) is a BadInput naming the file, what is wrong and `fix`."""
+    value) is a BadInput naming the file, the line, what is wrong and `fix`."""
+    fix = f"; {fix}" if fix else ""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        where = f"line {error.lineno}, column {error.colno}"
-        raise BadInput(f"{path}: not valid JSON ({where}: {error.msg}); {fix}") from None
+        raise BadInput(f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}){fix}") from None
     except UnicodeDecodeError:
-        raise BadInput(f"{path}: not UTF-8 text; {fix}") from None
-    except RecursionError:
-        raise BadInput(f"{path}: JSON nested too deeply to read; {fix}") from None
+        raise BadInput(f"{path}: not UTF-8 text{fix}") from None
+    except (ValueError, RecursionError) as error:  # a number of 5,000 digits, a value nested thousands deep
+        raise BadInput(f"{path}: not valid JSON ({str(error).split(';')[0]}){fix}") from None
     except OSError as error:
-        raise BadInput(f"{path}: cannot read ({error.strerror or error}); {fix}") from None
+        raise BadInput(f"{path}: cannot read ({error.strerror or error}){fix}") from None
     if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a JSON object, found {type(data).__name__}; {fix}")
+        raise BadInput(f"{path}: expected a JSON object, found {type(data).__name__}{fix}")
     return data
