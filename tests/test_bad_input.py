@@ -383,3 +383,30 @@ def test_prepare_iam_output_that_is_a_file_is_named(tmp_path, capsys):
     (tmp_path / "out").write_text("mine")
     assert prepare(paths, tmp_path / "out") == 2
     assert "is a file" in one_error_line(capsys.readouterr().err) and (tmp_path / "out").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a trace from Python (ReferenceBatches): damaged files are ValueErrors naming them
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: (t / "b.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00short"), "b.safetensors: cannot read"),
+    (lambda t: ((t / "settings.json").unlink(), (t / "settings.json").mkdir()), "cannot read the trace settings"),
+    (lambda t: (t / "steps.jsonl").write_bytes(b"\xff\xfe"), "cannot read the trace steps"),
+])
+def test_reference_batches_name_damaged_trace_files(tmp_path, damage, message):
+    from safetensors.torch import save_file
+
+    from trocr_recipe.steptrace import ReferenceBatches
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "settings.json").write_text(json.dumps({"format": 1}))
+    row = {"step": 1, "loss": 1.0, "label_tokens": 2, "micro_batches": [{"file": "b.safetensors", "ids": ["x"]}]}
+    (trace / "steps.jsonl").write_text(json.dumps(row) + "\n")
+    save_file({"pixel_values": torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "labels": torch.tensor([[5, 2]])},
+              trace / "b.safetensors")
+    assert len(list(ReferenceBatches(trace))) == 1
+    damage(trace)
+    with pytest.raises(ValueError, match=message):
+        list(ReferenceBatches(trace))
