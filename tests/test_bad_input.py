@@ -390,7 +390,8 @@ def test_prepare_iam_output_that_is_a_file_is_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda t: (t / "b.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00short"), "b.safetensors: cannot read"),
+    (lambda t: (t / "b.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00short"),
+     "b.safetensors: cannot read"),
     (lambda t: ((t / "settings.json").unlink(), (t / "settings.json").mkdir()), "cannot read the trace settings"),
     (lambda t: (t / "steps.jsonl").write_bytes(b"\xff\xfe"), "cannot read the trace steps"),
 ])
