@@ -15,9 +15,12 @@ fix, and its section of docs/pitfalls.md). "texts" is optional; without it the l
 not compared with the ground truth. To check your validation step as well, call
 trocr_recipe.loopcheck.check_loop from Python with evaluate=your_step.
 
-Exit status: 0 no error (warnings may be printed), 1 at least one error, 2 bad input (a
-missing or unreadable file, a batch that is not a dict of pixel_values (B, C, H, W) and
-labels (B, L), texts that are not one string per line, a model that does not load).
+Exit status: 0 no error (warnings may be printed), 1 at least one error, 2 bad input, named
+in one `error:` line on stderr (a missing or unreadable file, a batch that is not a dict of
+pixel_values (B, C, H, W) and labels (B, L), texts that are not one string per line, an
+empty batch or empty labels, pixel values NaN or infinite, label ids outside the decoder's
+vocabulary besides -100, a model that does not load or whose folder maps a class to its own
+code: no code from a model folder is ever run).
 """
 
 import argparse
