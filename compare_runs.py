@@ -43,7 +43,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trocr_recipe.outputs import LOSS_LOG, RESULTS, read_jsonl
+from trocr_recipe.errors import ArgumentParser, BadInput, finite, read_json_object, run_cli
+from trocr_recipe.outputs import LOSS_LOG, RESULTS
 
 TRACE = "trace"  # a trace run's folder of batches and settings (trocr_recipe.steptrace)
 DOCS = "docs/step_comparison.md"
@@ -53,10 +54,10 @@ TRAINER_STATE = "trainer_state.json"
 # The order the results table lists metric prefixes in; others follow alphabetically.
 RESULT_ORDER = ("baseline", "eval", "test")
 MAX_RANGES = 10  # step ranges listed for the steps logged by one run only
-
-
-class BadInput(Exception):
-    """A missing or malformed input file: exit code 2."""
+# The largest step number read: ten million optimizer steps is far past any TrOCR run, and the
+# report's work grows with the step numbers.
+MAX_STEP = 10**7
+PLOT_FORMATS = set(FigureCanvasAgg(Figure()).get_supported_filetypes())
 
 
 @dataclass
@@ -88,41 +89,38 @@ class Cause:
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """`read_jsonl`'s rows, each with its line number, each a JSON object."""
+    """The JSON object of each non-blank line of a JSONL file, with its line number."""
     try:
-        rows = read_jsonl(path)
-        lines = _lines(path)
-    except json.JSONDecodeError as err:
-        # read_jsonl parses one line at a time, so err.doc is the offending line itself.
-        raise BadInput(f"{path}, line {_lines(path).index(err.doc) + 1}: not valid JSON ({err.msg})") from None
+        with open(path, encoding="utf-8") as stream:
+            lines = stream.readlines()
     except (OSError, UnicodeDecodeError) as err:
         raise BadInput(f"{path}: cannot read ({err})") from None
-    numbered = list(zip((n for n, line in enumerate(lines, 1) if line.strip()), rows))
-    for n, row in numbered:
+    numbered = []
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except (ValueError, RecursionError) as err:  # RecursionError: a line nested thousands deep
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(";")[0]
+            raise BadInput(f"{path}, line {n}: not valid JSON ({reason})") from None
         if not isinstance(row, dict):
             raise BadInput(f"{path}, line {n}: expected a JSON object, got {json.dumps(row)[:80]}")
+        numbered.append((n, row))
     return numbered
 
 
-def _lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as stream:  # the same line splitting as read_jsonl
-        return stream.readlines()
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BadInput(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInput(f"{path}: cannot read ({err})") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a JSON object")
-    return data
-
-
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP
+
+
+def _is_score(value) -> bool:
+    """A CER or WER: a finite number (a NaN would agree with any other value)."""
+    return _is_number(value) and math.isfinite(value)
 
 
 def read_step_values(path: Path, key: str, max_steps: int | None) -> tuple[dict[int, float], dict[int, dict]]:
@@ -130,9 +128,12 @@ def read_step_values(path: Path, key: str, max_steps: int | None) -> tuple[dict[
     values, rows, lines = {}, {}, {}
     for n, row in read_rows(path):
         step, value = row.get("step"), row.get(key)
-        if not isinstance(step, int) or isinstance(step, bool) or not _is_number(value):
+        if not _is_step(step) or not _is_number(value):
             got = json.dumps(row)[:120]
-            raise BadInput(f'{path}, line {n}: needs an integer "step" and a number "{key}", got {got}')
+            raise BadInput(f'{path}, line {n}: needs an integer "step" and a number "{key}" (steps 0 to {MAX_STEP:,}, '
+                           f"numbers within float range), got {got}")
+        if key != "loss" and not _is_score(value):
+            raise BadInput(f"{path}, line {n}: {key} {value} is not a finite number; a CER is a percentage")
         if step in lines:
             raise BadInput(f"{path}, line {n}: step {step} already logged on line {lines[step]}")
         lines[step] = n
@@ -160,16 +161,68 @@ def read_trace(folder: Path, max_steps: int | None) -> tuple[Path | None, dict[i
     from trocr_recipe.steptrace import read_settings
 
     try:
-        read_settings(trace)
-    except ValueError as error:
+        check_settings(trace / "settings.json", read_settings(trace))
+    except (ValueError, RecursionError) as error:
         raise BadInput(str(error)) from None
     steps = read_rows(trace / "steps.jsonl") if (trace / "steps.jsonl").is_file() else []
+    check_first_batches(trace, steps)
     norms = {
         row["step"]: float(row["grad_norm"]) for _, row in steps
         if isinstance(row.get("step"), int) and _is_number(row.get("grad_norm"))
         and (max_steps is None or row["step"] <= max_steps)
     }
     return trace, norms
+
+
+# The settings.json values the report reads, and what each must be.
+SETTINGS_TYPES = {
+    "model_name_or_path": str, "max_grad_norm": float, "gradient_accumulation_steps": int, "no_decay": list,
+    "optimizer": {"name": str, "lr": float, "eps": float, "weight_decay": float, "betas": list},
+    "schedule": {"name": str, "warmup_steps": int, "total_steps": int},
+    "special_tokens": {"bos_token_id": int, "pad_token_id": int, "eos_token_id": int, "decoder_start_token_id": int},
+}
+
+
+def check_settings(path: Path, settings: dict, types: dict = SETTINGS_TYPES, where: str = "") -> None:
+    """BadInput for a value of the trace settings of another type than the report reads."""
+    for key, kind in types.items():
+        if key not in settings:
+            continue
+        value, name = settings[key], f"{where}{key}"
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise BadInput(f"{path}: {name} is {json.dumps(value)[:60]}, expected an object")
+            check_settings(path, value, kind, f"{name}.")
+        elif not (_is_number(value) and math.isfinite(value) and (kind is float or isinstance(value, int))
+                  if kind in (int, float) else isinstance(value, kind)):
+            expected = {int: "an integer", float: "a finite number", str: "a string", list: "a list"}[kind]
+            raise BadInput(f"{path}: {name} is {json.dumps(value)[:60]}, expected {expected}; write the trace again "
+                           "with run_trocr.py RECIPE --trace_steps N")
+
+
+def check_first_batches(trace: Path, steps: list[tuple[int, dict]]) -> None:
+    """The batch files of the trace's first step, the ones the report reads: files of the
+    trace folder holding pixel_values and labels (a safetensors header read, no data)."""
+    from safetensors import safe_open
+
+    path = trace / "steps.jsonl"
+    for n, row in steps[:1]:
+        parts = row.get("micro_batches")
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise BadInput(f'{path}, line {n}: "micro_batches" must be a list of objects')
+        for part in parts:
+            name = part.get("file")
+            if not isinstance(name, str) or Path(name).name != name:
+                raise BadInput(f'{path}, line {n}: "file" {json.dumps(name)[:80]} is not a file name of the trace '
+                               "folder")
+            try:
+                with safe_open(trace / name, "pt") as tensors:
+                    keys = set(tensors.keys())
+            except Exception as error:  # safetensors raises its own SafetensorError, OSError for a missing file
+                raise BadInput(f"{trace / name}: cannot read the batch ({type(error).__name__}: {error}); write the "
+                               "trace again") from None
+            if not {"pixel_values", "labels"} <= keys:
+                raise BadInput(f"{trace / name}: holds {sorted(keys)}, not pixel_values and labels")
 
 
 def latest_trainer_state(folder: Path) -> Path | None:
@@ -189,11 +242,17 @@ def read_eval_curve(folder: Path, max_steps: int | None) -> tuple[dict[int, floa
     state = latest_trainer_state(folder)
     if state is None:
         return {}, None
-    history = read_json(state).get("log_history", [])
+    history = read_json_object(state).get("log_history", [])
+    if not isinstance(history, list):
+        raise BadInput(f"{state}: log_history is {type(history).__name__}, not a list of log entries")
+    bad = next((e for e in history if isinstance(e, dict) and "eval_cer" in e and not _is_score(e["eval_cer"])), None)
+    if bad is not None:
+        raise BadInput(f"{state}: eval_cer {json.dumps(bad['eval_cer'])} at step {bad.get('step')} is not a finite "
+                       "number")
     curve = {
         entry["step"]: float(entry["eval_cer"])
         for entry in history
-        if isinstance(entry, dict) and _is_number(entry.get("eval_cer")) and isinstance(entry.get("step"), int)
+        if isinstance(entry, dict) and _is_score(entry.get("eval_cer")) and _is_step(entry.get("step"))
     }
     curve = {step: cer for step, cer in curve.items() if max_steps is None or step <= max_steps}
     return curve, str(state.relative_to(folder))
@@ -203,12 +262,21 @@ def read_predictions(path: Path) -> dict[str, dict]:
     by_id = {}
     for n, row in read_rows(path):
         missing = [key for key in ("id", "reference", "prediction", "cer") if key not in row]
-        if missing or not _is_number(row["cer"]):
-            raise BadInput(f'{path}, line {n}: needs "id", "reference", "prediction" and a number "cer"')
+        if missing or not _is_score(row["cer"]):
+            raise BadInput(f'{path}, line {n}: needs "id", "reference", "prediction" and a finite number "cer"')
         if str(row["id"]) in by_id:
             raise BadInput(f"{path}, line {n}: line id {row['id']} appears twice")
         by_id[str(row["id"])] = row
     return by_id
+
+
+def read_results(path: Path) -> dict:
+    """all_results.json; a CER or WER in it that is not a finite number is bad input."""
+    results = read_json_object(path)
+    for key, value in results.items():
+        if key.endswith(("_cer", "_wer")) and isinstance(value, (int, float)) and not _is_score(value):
+            raise BadInput(f"{path}: {key} is {value}, not a finite number; a CER or WER is a percentage")
+    return results
 
 
 def run_name(path: Path) -> str:
@@ -233,7 +301,7 @@ def load_run(path: str, label: str, max_steps: int | None) -> Run:
         return Run(label, run_name(path), path, losses, rates, {}, None, {}, {}, norms)
     trace, trace_norms = read_trace(folder, max_steps)
     eval_cer, eval_source = read_eval_curve(folder, max_steps)
-    results = read_json(folder / RESULTS) if (folder / RESULTS).is_file() else {}
+    results = read_results(folder / RESULTS) if (folder / RESULTS).is_file() else {}
     predictions = {
         p.stem.removeprefix("predictions_"): read_predictions(p) for p in sorted(folder.glob("predictions_*.jsonl"))
     }
@@ -616,7 +684,8 @@ def plot(a: Run, b: Run, rtol: float, path: Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_a", help="the reference run: its output folder, or its loss_log.jsonl")
     parser.add_argument("run_b", help="the run to check: its output folder, or its loss_log.jsonl")
     parser.add_argument(
@@ -644,17 +713,42 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--plot", type=Path, default=None,
         help="where to write the PNG (default: compare_<A>_vs_<B>.png in the current folder)",
     )
-    return parser.parse_args(argv)
+    return check_args(parser.parse_args(argv))
 
 
-def main(argv=None) -> int:
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Tolerances finite and not negative, counts in range, a plot path that can be written."""
+    for flag in ("loss_rtol", "cer_atol", "cause_rtol"):
+        finite(f"--{flag}", getattr(args, flag), minimum=0)
+    if args.top_lines < 0:
+        raise BadInput(f"--top_lines {args.top_lines}: the number of lines to list, 0 or more")
+    if args.max_steps is not None and not 1 <= args.max_steps <= MAX_STEP:
+        raise BadInput(f"--max_steps {args.max_steps}: a step from 1 to {MAX_STEP:,}")
+    if args.plot is not None:
+        args.plot = plot_path(args.plot)
+    return args
+
+
+def plot_path(path: Path) -> Path:
+    """The file the plot is written to: PNG when no format is named, never a folder, in a
+    folder that exists or can be made."""
+    if path.is_dir():
+        raise BadInput(f"--plot {path}: a folder; give a file name such as {path / 'compare.png'}")
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        formats = ", ".join(sorted(PLOT_FORMATS))
+        raise BadInput(f"--plot {path}: format {path.suffix} not supported; use one of {formats}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise BadInput(f"--plot {path}: {blocking} is a file, not a folder")
+    return path
+
+
+def compare(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        a = load_run(args.run_a, "A", args.max_steps)
-        b = load_run(args.run_b, "B", args.max_steps)
-    except BadInput as err:
-        print(f"compare_runs: {err}", file=sys.stderr)
-        return 2
+    a = load_run(args.run_a, "A", args.max_steps)
+    b = load_run(args.run_b, "B", args.max_steps)
 
     print(f"A = {a.path}\nB = {b.path}" + (f"\nonly steps <= {args.max_steps}" if args.max_steps is not None else ""))
     failures = compare_losses(a, b, args.loss_rtol)
@@ -672,6 +766,11 @@ def main(argv=None) -> int:
         return 1
     print("\nVerdict: the runs agree within the tolerances (exit 0)")
     return 0
+
+
+def main(argv=None) -> int:
+    """0 the runs agree, 1 they differ, 2 bad input (one `error:` line on stderr, no report)."""
+    return run_cli(compare, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ applies the processor's normalization), then batched beam search with the
 beams and maximum length of the model's generation_config unless --num_beams or
 --max_length say otherwise. Unreadable files are named on stderr with the reason and
 skipped; their count is printed at the end (and written to `<output>.skipped.json` with
---output). Exit code 0, or 1 when no image could be read.
+--output). Each transcription is written as soon as it is made (to --output, checked writable
+before the model loads, or to stdout, where a tab, newline, carriage return or backslash in a
+path or a transcription is written as \\t, \\n, \\r or \\\\). Exit code 0, 1 when no image could
+be read, 2 for bad input (one `error:` line on stderr).
 """
 
 import argparse
@@ -33,19 +36,23 @@ from tqdm import tqdm
 
 from trocr_recipe.args import ModelArguments
 from trocr_recipe.augment import resize_to_tensor, to_gray_or_rgb
+from trocr_recipe.errors import ArgumentParser, BadInput, at_least, one_line, run_cli
 from trocr_recipe.data import OcrCollator, image_size, line_ids
 from trocr_recipe.generation import generate
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
 from trocr_recipe.modeling import load_model, load_processor
-from trocr_recipe.outputs import write_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
-# What PIL raises on a file it cannot decode: not an image, truncated, corrupt chunks.
-UNREADABLE = (OSError, SyntaxError, ValueError)
+# What PIL raises on a file it cannot decode: not an image, truncated, corrupt chunks, an image
+# larger than its decompression-bomb limit.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Characters that would break the path<TAB>text lines on stdout, and how they are written.
+ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="trained model: a run's output folder, a checkpoint folder or a Hub id")
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders (searched recursively)")
     parser.add_argument("--dataset", help="transcribe a dataset split instead: a save_to_disk folder or anything "
@@ -53,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split of --dataset to transcribe (default: test)")
     parser.add_argument("--image_column", default="image", help="column of --dataset holding the images")
     parser.add_argument("--id_column", default="id", help="column of --dataset naming each line; row index if absent")
-    parser.add_argument("--text_column", default="text", help="column of --dataset with the ground truth; when "
-                        "present, the split's corpus CER and WER are printed and each row gets its 'reference'")
+    parser.add_argument("--text_column", help="column of --dataset with the ground truth: the split's corpus CER and "
+                        "WER are printed and each row gets its 'reference' (default: 'text', when the split has it; "
+                        "a column given and missing is an error)")
     parser.add_argument("--output", help="write JSONL here ({'path' or 'id', 'prediction'} per image) instead of "
                         "path<TAB>text on stdout; skipped files go to <output>.skipped.json")
     parser.add_argument("--batch_size", type=int, default=16, help="images per generate call (default: 16)")
@@ -65,9 +73,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.inputs) == bool(args.dataset):
         parser.error("give either image files / folders or --dataset")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
+    at_least("--batch_size", args.batch_size, 1)
+    if args.num_beams is not None:
+        at_least("--num_beams", args.num_beams, 1)
+    if args.max_length is not None:
+        at_least("--max_length", args.max_length, 2)  # the start token and one more
+    if args.output:
+        check_output(Path(args.output))
     return args
+
+
+def check_output(path: Path) -> None:
+    """--output and its skipped list can be written: found now, not after all inference."""
+    for target in (path, Path(f"{path}.skipped.json")):
+        if target.is_dir():
+            raise BadInput(f"--output {path}: {target} is a folder; give a file name")
+        if not target.parent.is_dir():
+            raise BadInput(f"--output {path}: no folder {target.parent}; create it first")
+        if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise BadInput(f"--output {path}: {target} cannot be written (permission denied)")
 
 
 def image_files(inputs: list[str]) -> list[str]:
@@ -82,21 +106,39 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def dataset_images(path: str, split: str, image_column: str, id_column: str, text_column: str):
+def dataset_images(path: str, split: str, image_column: str, id_column: str, text_column: str | None):
     """Line ids, the undecoded images of one split (a corrupt image is skipped like a bad
     file instead of failing the whole read) and the ground truth by id, if the split has it."""
-    raw = load_from_disk(path) if os.path.isfile(os.path.join(path, "dataset_dict.json")) else load_dataset(path)
+    raw = open_dataset(path)
     if split not in raw:
         raise SystemExit(f"{path}: no split '{split}'; it has: {', '.join(raw)}")
     lines = raw[split]
-    if image_column not in lines.column_names:
-        columns = ", ".join(lines.column_names)
-        raise SystemExit(f"{path}: split '{split}' has no column '{image_column}'; its columns: {columns}")
+    for flag, column in (("--image_column", image_column), ("--text_column", text_column)):
+        if column is not None and column not in lines.column_names:
+            columns = ", ".join(lines.column_names)
+            raise BadInput(f"--dataset {path}: split '{split}' has no column '{column}' ({flag}); its columns: "
+                           f"{columns}")
     lines = lines.cast_column(image_column, ImageFeature(decode=False))
     sources = (io.BytesIO(cell["bytes"]) if cell["bytes"] else cell["path"] for cell in lines[image_column])
     ids = line_ids(lines, id_column)
-    references = dict(zip(ids, lines[text_column])) if text_column in lines.column_names else None
+    text_column = text_column or ("text" if "text" in lines.column_names else None)
+    references = dict(zip(ids, lines[text_column])) if text_column else None
     return ids, sources, references
+
+
+def open_dataset(path: str):
+    """A save_to_disk folder or anything load_dataset reads; anything else one BadInput line."""
+    if os.path.isfile(path):
+        raise BadInput(f"--dataset {path}: a file; give a save_to_disk folder, a folder of parquet files or images, "
+                       "or a Hub dataset")
+    try:
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            return load_from_disk(path)
+        return load_dataset(path)
+    except Exception as error:  # datasets raises a dozen types for a folder it cannot read
+        where = "" if os.path.isdir(path) else "no such local folder, and as a Hub dataset: "
+        raise BadInput(f"--dataset {path}: {where}cannot load it ({type(error).__name__}: {one_line(error)[:300]})") \
+            from None
 
 
 def report_scores(rows: list[dict], skipped: int, split: str) -> str:
@@ -110,7 +152,10 @@ def report_scores(rows: list[dict], skipped: int, split: str) -> str:
 def load_pixels(source, size: tuple[int, int]) -> torch.Tensor:
     """The evaluation transform of the recipe (data.ImageTransform without augmentation):
     any mode to one grayscale channel or RGB, bicubic resize, uint8; the collator spreads a
-    gray line over three channels, the batch of its RGB copy."""
+    gray line over three channels, the batch of its RGB copy. A path that is no regular file
+    (a FIFO would block the read, a device never end) is unreadable."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise OSError(f"{'not a regular file' if os.path.exists(source) else 'no such file'}")
     with Image.open(source) as image:
         return resize_to_tensor(to_gray_or_rgb(image), size)
 
@@ -151,26 +196,39 @@ def transcribe(model, processor, images: Iterable[tuple[str, torch.Tensor]], bat
 def load_for_inference(name: str):
     """Model and processor as the recipe loads them (special tokens set on both configs)."""
     model_args = ModelArguments(model_name_or_path=name)
-    processor = load_processor(model_args)
-    model, _ = load_model(model_args, processor.tokenizer)  # each change to the checkpoint is logged
+    processor = load_processor(model_args, "model")
+    model, _ = load_model(model_args, processor.tokenizer, "model")  # each change to the checkpoint is logged
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
 
 
-def write_outputs(rows: list[dict], skipped: list[tuple[str, str]], key: str, output: str | None) -> None:
-    """JSONL plus `<output>.skipped.json`, or path<TAB>text lines on stdout; then the counts."""
-    if output:
-        write_jsonl(output, rows)
-        listed = [{key: name, "reason": reason} for name, reason in skipped]
-        report = json.dumps({"count": len(skipped), "skipped": listed}, indent=2, ensure_ascii=False)
-        Path(f"{output}.skipped.json").write_text(report + "\n", encoding="utf-8")
-    else:
-        for row in rows:
-            print(f"{row[key]}\t{row['prediction']}")
-    where = f" (listed in {output}.skipped.json)" if output and skipped else ""
-    print(f"transcribed {len(rows)} image(s), skipped {len(skipped)} unreadable{where}", file=sys.stderr)
+class Outputs:
+    """Each row written as soon as it is made: a JSONL line (flushed) to --output, or a
+    path<TAB>text line on stdout above the progress bar; the skipped list and counts at the end."""
+
+    def __init__(self, key: str, output: str | None, progress: tqdm):
+        self.key, self.output, self.progress, self.count = key, output, progress, 0
+        self.stream = open(output, "w", encoding="utf-8") if output else None
+
+    def write(self, row: dict) -> None:
+        if self.stream:
+            self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.stream.flush()
+        else:
+            self.progress.write(f"{str(row[self.key]).translate(ESCAPES)}\t{row['prediction'].translate(ESCAPES)}",
+                                file=sys.stdout)
+        self.count += 1
+
+    def close(self, skipped: list[tuple[str, str]]) -> None:
+        if self.stream:
+            self.stream.close()
+            listed = [{self.key: name, "reason": reason} for name, reason in skipped]
+            report = json.dumps({"count": len(skipped), "skipped": listed}, indent=2, ensure_ascii=False)
+            Path(f"{self.output}.skipped.json").write_text(report + "\n", encoding="utf-8")
+        where = f" (listed in {self.output}.skipped.json)" if self.output and skipped else ""
+        print(f"transcribed {self.count} image(s), skipped {len(skipped)} unreadable{where}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def transcribe_all(argv=None) -> int:
     args = parse_args(argv)
     key = "id" if args.dataset else "path"
     references = None
@@ -183,19 +241,28 @@ def main(argv=None) -> int:
     model, processor = load_for_inference(args.model)
     overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_length", args.max_length)) if v is not None}
 
-    rows, skipped = [], []
-    # Outputs are written at the end so that stdout lines never cut through the bar.
+    scored, skipped = [], []
     with tqdm(total=len(names), unit="image", file=sys.stderr) as progress:
-        images = read_images(names, sources, image_size(processor.image_processor), progress, skipped)
-        for name, text in transcribe(model, processor, images, args.batch_size, **overrides):
-            rows.append({key: name, "prediction": text} | ({"reference": references[name]} if references else {}))
-            progress.update()
-    write_outputs(rows, skipped, key, args.output)
-    if references and rows:
-        print(report_scores(rows, len(skipped), args.split), file=sys.stderr)
-    if not rows:
+        outputs = Outputs(key, args.output, progress)
+        try:
+            images = read_images(names, sources, image_size(processor.image_processor), progress, skipped)
+            for name, text in transcribe(model, processor, images, args.batch_size, **overrides):
+                row = {key: name, "prediction": text} | ({"reference": references[name]} if references else {})
+                outputs.write(row)
+                scored.append(row)
+                progress.update()
+        finally:
+            outputs.close(skipped)
+    if references and scored:
+        print(report_scores(scored, len(skipped), args.split), file=sys.stderr)
+    if not scored:
         print("no image could be read", file=sys.stderr)
-    return 0 if rows else 1
+    return 0 if scored else 1
+
+
+def main(argv=None) -> int:
+    """The exit status: 0, 1 (no image could be read) or 2 (bad input, one `error:` line on stderr)."""
+    return run_cli(transcribe_all, argv)
 
 
 if __name__ == "__main__":

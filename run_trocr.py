@@ -9,12 +9,14 @@ The recipe JSON gives the defaults, flags override them; `--help` lists every ar
 
 import logging
 import math
+import sys
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from trocr_recipe.args import parse_recipe
+from trocr_recipe.errors import run_cli
 from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
@@ -179,4 +181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -21,6 +21,7 @@ the predictions are identical (tests/test_no_trainer.py). The comments marked
 
 import contextlib
 import logging
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from trocr_recipe import loop
 from trocr_recipe.args import parse_recipe
+from trocr_recipe.errors import run_cli
 from trocr_recipe.generation import generate
 from trocr_recipe.loop import COMPLETE, EVAL_LOG
 from trocr_recipe.metrics import corpus_cer, corpus_wer, decode
@@ -268,4 +270,4 @@ def push_to_hub(training_args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -55,6 +55,8 @@ from huggingface_hub import HfApi
 from PIL import Image
 from tqdm import tqdm
 
+from trocr_recipe.errors import ArgumentParser, BadInput, run_cli
+
 SPLIT_FILES = {
     "aachen": {"train": "tr.lst", "validation": "va.lst", "test": "te.lst"},
     "iam": {
@@ -84,8 +86,8 @@ TEXT_CONVENTIONS = {
 }
 
 
-class PrepareError(Exception):
-    """A problem with the input that the user has to fix; main() prints it and exits 1."""
+class PrepareError(BadInput):
+    """A problem with the input that the user has to fix; main() prints it and exits 2."""
 
 
 # --- text files -----------------------------------------------------------------------
@@ -114,7 +116,7 @@ def content_lines(data: bytes, name: str) -> Iterator[tuple[int, str]]:
 
 def parse_lines_txt(data: bytes, name: str) -> dict[str, tuple[str, str]]:
     """lines.txt -> {line id: (segmentation, text)}."""
-    records = {}
+    records, first_line = {}, {}
     for number, line in content_lines(data, name):
         # The transcription is everything after the 8th field, whatever spaces it holds.
         fields = line.split(None, 8)
@@ -123,6 +125,10 @@ def parse_lines_txt(data: bytes, name: str) -> dict[str, tuple[str, str]]:
                 f"{name}: line {number}: expected '<id> ok|err <graylevel> <components> "
                 f"<x> <y> <w> <h> <transcription>', got {line!r}"
             )
+        if fields[0] in first_line:
+            raise PrepareError(f"{name}: line {number}: line id {fields[0]} already on line {first_line[fields[0]]}; "
+                               "keep one transcription per line id")
+        first_line[fields[0]] = number
         records[fields[0]] = (fields[1], fields[8].replace("|", " "))
     return records
 
@@ -174,6 +180,8 @@ def read_ground_truth(iam_root: Path) -> tuple[dict[str, tuple[str, str]], str]:
             f"no ground truth: neither {iam_root / 'ascii' / 'lines.txt'} "
             f"nor {iam_root / 'ascii.tgz'} exists"
         )
+    if not path.is_file():
+        raise PrepareError(f"{path}: not a file; give the lines.txt of IAM's ascii.tgz")
     if path.suffix == ".txt":
         return parse_lines_txt(path.read_bytes(), str(path)), "ascii/lines.txt"
     for member, data in iter_tar(path, lambda name: PurePosixPath(name).name == "lines.txt"):
@@ -270,10 +278,14 @@ def read_split_lists(split_dir: Path, scheme: str) -> dict[str, tuple[Path, list
     absent = [str(path) for path in files.values() if not path.is_file()]
     if absent:
         raise PrepareError(f"split list not found: {', '.join(absent)}")
-    return {
+    lists = {
         split: (path, [line.split()[0] for _, line in content_lines(path.read_bytes(), str(path))])
         for split, path in files.items()
     }
+    empty = [str(path) for path, entries in lists.values() if not entries]
+    if empty:
+        raise PrepareError(f"split list without a line id: {', '.join(empty)}; give the lists as distributed")
+    return lists
 
 
 def expand(entries: Iterable[str], lines_of_form: dict[str, list[str]]) -> list[str]:
@@ -455,6 +467,8 @@ IAM database site; cite U. Marti and H. Bunke, IJDAR 5 (2002) 39-46.
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Never mix with old files; --overwrite may replace only a previous output of this script."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PrepareError(f"output directory {output_dir} is a file; give a folder")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:
@@ -479,8 +493,8 @@ def push(dataset: datasets.DatasetDict, card: str, repo: str, private: bool) -> 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--iam_root", type=Path, required=True, metavar="DIR",
                         help="folder with IAM as distributed: lines/ or lines.tgz, ascii/ or ascii.tgz, "
@@ -558,6 +572,10 @@ def run(args: argparse.Namespace) -> None:
     if report and not args.allow_missing:
         raise PrepareError(f"{describe_missing(report)}; pass --allow_missing to skip them")
     split_ids = {split: found["ok"] for split, found in groups.items()}
+    empty = [split for split, ids in split_ids.items() if not ids]
+    if empty:
+        raise PrepareError(f"no line of split(s) {', '.join(empty)} has both ground truth and an image: "
+                           f"{describe_missing(report)}")
     notes = []
     if report:
         skipped = sum(len(entry["no_ground_truth"]) + len(entry["no_image"]) for entry in report.values())
@@ -593,13 +611,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except PrepareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """0, or 2 for bad input (one `error:` line on stderr)."""
+    return run_cli(lambda args: run(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_abbreviated_flag_is_not_guessed(tmp_path):
 def test_bad_json_names_the_file_and_line(tmp_path):
     recipe = tmp_path / "broken.json"
     recipe.write_text('{\n  "model_name_or_path": "m",\n}')
-    with pytest.raises(SystemExit, match=r"broken.json: not valid JSON \(line 3"):
+    with pytest.raises(SystemExit, match=r"broken.json, line 3: not valid JSON"):
         parse_recipe([str(recipe)])
 
 

@@ -389,7 +389,7 @@ def test_cli_names_the_bad_file(tiny_model, tmp_path, capsys, content, message):
 def test_cli_missing_model_folder(tmp_path, capsys, batch):
     torch.save(batch, tmp_path / "batch.pt")
     assert cli.main(["--model", str(tmp_path / "nothing"), "--batch", str(tmp_path / "batch.pt")]) == 2
-    assert f"--model {tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err
+    assert f"--model {tmp_path / 'nothing'}: no such local folder" in capsys.readouterr().err
 
 
 def test_cli_help(capsys):

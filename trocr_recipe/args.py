@@ -4,6 +4,7 @@ the run naming it."""
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -14,6 +15,8 @@ from typing import Literal
 
 import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+from .errors import BadInput, read_json_object
 
 
 @dataclass
@@ -237,14 +240,9 @@ def _json_kind(value) -> str:
 
 
 def load_recipe(path: str, annotations: dict[str, object]) -> dict:
-    try:
-        recipe = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: recipe file not found") from None
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}): {error.msg}") from None
-    if not isinstance(recipe, dict):
-        raise SystemExit(f"{path}: a recipe is a JSON object of argument names to values")
+    if not Path(path).exists():
+        raise BadInput(f"{path}: recipe file not found")
+    recipe = read_json_object(path, "a recipe is one JSON object of argument names to values, in UTF-8")
     unknown = sorted(set(recipe) - set(annotations))
     if unknown:
         raise SystemExit(f"{path}: unknown recipe key(s): {', '.join(unknown)}")
@@ -286,7 +284,42 @@ def parse_recipe(argv: list[str] | None = None):
         raise SystemExit("model_name_or_path is required (in the recipe or as --model_name_or_path)")
     if data_args.dataset_name is None:
         raise SystemExit("dataset_name is required (in the recipe or as --dataset_name)")
+    check_numbers(model_args, data_args, training_args, source)
     if data_args.baseline_test and not training_args.do_eval:
         raise SystemExit(f"{source}: baseline_test scores the starting model beside its validation baseline: "
                          "it needs do_eval")
     return model_args, data_args, training_args
+
+
+# Numbers the libraries take without complaint and would turn into another run: a negative
+# max_steps trains by epochs, a label of 1 token is </s> alone, a batch of 0 stops at the
+# first step. (key, smallest value, what it is); None values are left unset.
+NUMBER_RANGES = (
+    ("max_target_length", 2, "the longest label in tokens, </s> included (1 would keep </s> alone)"),
+    ("per_device_train_batch_size", 1, "lines per batch"), ("per_device_eval_batch_size", 1, "lines per batch"),
+    ("gradient_accumulation_steps", 1, "batches per update"),
+    ("max_train_samples", 1, "lines"), ("max_eval_samples", 1, "lines"), ("max_test_samples", 1, "lines"),
+    ("preprocessing_num_workers", 1, "processes"), ("early_stopping_patience", 1, "evaluations"),
+    ("generation_num_beams", 1, "beams"), ("generation_max_length", 2, "tokens, the start token included"),
+    ("learning_rate", 0, "the peak learning rate"), ("weight_decay", 0, "the weight decay"),
+    ("warmup_steps", 0, "steps (or a fraction of them)"), ("num_train_epochs", 0, "epochs"),
+    ("max_grad_norm", 0, "the clipping norm (0: none)"), ("label_smoothing_factor", 0, "a fraction below 1"),
+    ("adam_epsilon", 0, "Adam's epsilon"),
+)
+
+
+def check_numbers(model_args, data_args, training_args, source: str) -> None:
+    """Each number in its range and finite, before anything loads; max_steps -1 (train by
+    epochs) or a positive step count."""
+    values = {**vars(data_args), **vars(training_args)}
+    for key, minimum, what in NUMBER_RANGES:
+        value = values.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < minimum:
+            raise BadInput(f"{source}: {key} {value}: {what}; must be a finite number, at least {minimum}")
+    if not 0 <= training_args.label_smoothing_factor < 1:
+        raise BadInput(f"{source}: label_smoothing_factor {training_args.label_smoothing_factor}: a fraction below 1")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise BadInput(f"{source}: max_steps {training_args.max_steps}: a number of optimizer steps (1 or more), or "
+                       "-1 to train num_train_epochs")

@@ -28,7 +28,8 @@ import re
 import shutil
 from pathlib import Path
 
-from .outputs import RESULTS
+from .errors import BadInput, atomic_write_text, read_json_object
+from .outputs import RESULTS, read_results
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -116,10 +117,48 @@ def holds_run(output_dir: Path) -> bool:
     return output_dir.is_dir() and (any(output_dir.glob("checkpoint-*")) or (output_dir / RESULTS).exists())
 
 
+def check_output_dir(model_args, data_args, training_args) -> None:
+    """BadInput for an output_dir that is empty, a file, the starting model's or the dataset's
+    folder or inside one (the run would write over them), or that holds the starting model
+    of a training run (checkpoint rotation and overwrite_output_dir remove folders there)."""
+    name = training_args.output_dir
+    if not name or not str(name).strip():
+        raise BadInput("output_dir is empty: give the folder the run writes to (it would write into the current one)")
+    output_dir = Path(name).expanduser().resolve()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BadInput(f"output_dir {name}: a file, not a folder; give another output_dir")
+    for key, value in (("model_name_or_path", model_args.model_name_or_path),
+                       ("processor_name_or_path", model_args.processor_name_or_path),
+                       ("dataset_name", data_args.dataset_name)):
+        if not value or not os.path.isdir(value):
+            continue
+        source = Path(value).expanduser().resolve()
+        if output_dir == source or source in output_dir.parents:
+            raise BadInput(f"output_dir {name} is {'' if output_dir == source else 'inside '}the {key} folder "
+                           f"{value}: the run would write over it; give another output_dir")
+        if output_dir in source.parents and training_args.do_train:
+            raise BadInput(f"output_dir {name} holds the {key} folder {value}: training would rotate or remove "
+                           "folders there; give another output_dir, or move the starting model out of it")
+
+
+def read_run_recipe(path: Path) -> dict:
+    """The arguments recorded by the run in a folder; a damaged record stops the run (without
+    it, the check that the run resumed is of the same recipe would be skipped)."""
+    fix = "it records the run's arguments: restore it, remove it to resume unchecked, or start afresh with " \
+          "--overwrite_output_dir"
+    recorded = read_json_object(path, fix)
+    missing = [key for key in ("model_name_or_path", "dataset_name") if key not in recorded]
+    if missing:
+        raise BadInput(f"{path}: records no {' and no '.join(missing)}, not the arguments of a run; {fix}")
+    return recorded
+
+
 def claim_output_dir(model_args, data_args, training_args) -> None:
-    """Stops when output_dir holds a run made with other values of RESUME_KEYS; with
-    overwrite_output_dir, removes that run's checkpoints and results instead, so that nothing
-    of it is resumed or merged. Then records this run's arguments in run_recipe.json."""
+    """Stops when output_dir is no place to write (check_output_dir) or holds a run made with
+    other values of RESUME_KEYS; with overwrite_output_dir, removes that run's checkpoints and
+    results instead, so that nothing of it is resumed or merged. Then records this run's
+    arguments in run_recipe.json."""
+    check_output_dir(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
     arguments = run_arguments(model_args, data_args, training_args)
     with training_args.main_process_first(desc="output_dir check"):
@@ -130,11 +169,12 @@ def claim_output_dir(model_args, data_args, training_args) -> None:
                     shutil.rmtree(folder, ignore_errors=True)
                 (output_dir / RESULTS).unlink(missing_ok=True)
         elif holds_run(output_dir):
+            read_results(output_dir)  # found broken now, not after training
             recorded_path = output_dir / RUN_RECIPE
             if not recorded_path.exists():
                 logger.warning("%s holds a run without %s: it cannot be checked to be of this recipe", output_dir, RUN_RECIPE)
             else:
-                recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+                recorded = read_run_recipe(recorded_path)
                 changed = [
                     f"{key} {json.dumps(recorded[key])} -> {json.dumps(arguments.get(key))}"
                     for key in RESUME_KEYS
@@ -148,4 +188,4 @@ def claim_output_dir(model_args, data_args, training_args) -> None:
                     )
         if training_args.should_save:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / RUN_RECIPE).write_text(json.dumps(arguments, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            atomic_write_text(output_dir / RUN_RECIPE, json.dumps(arguments, indent=2, sort_keys=True) + "\n")

@@ -3,10 +3,16 @@
 import logging
 import math
 import os
+import pickle
+
+from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
-from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+from transformers import PreTrainedModel, TrOCRProcessor, VisionEncoderDecoderModel
+
+from .errors import BadInput, one_line, read_json_object
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -34,19 +40,95 @@ def _source(model_args) -> dict:
 
 # The local models the Makefile builds, and the command that builds each.
 BUILT_BY_MAKE = {"models/tiny": "make tiny", "models/demo": "make demo"}
+# The files of a model or processor folder that can map a class to Python code in the folder.
+CODE_MAPS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+SAVED = "a folder written by save_pretrained"
 
 
-def load_processor(model_args) -> TrOCRProcessor:
-    """From a Hub id or a local folder; the checkpoint's own processor by default."""
-    name = model_args.processor_name_or_path or model_args.model_name_or_path
+def _not_a_folder(name: str, flag: str) -> None:
+    """BadInput for a name that is no local folder and cannot be a Hub id either (a path)."""
+    if os.path.exists(name):
+        raise BadInput(f"{flag} {name}: not a folder; give {SAVED}")
+    build = BUILT_BY_MAKE.get(os.path.normpath(name))
+    if build:
+        raise BadInput(f"{flag} {name}: no such local folder. Run `{build}` first: it builds {name}.")
     try:
-        processor = TrOCRProcessor.from_pretrained(name, **_source(model_args))
-    except OSError as error:
-        if os.path.isdir(name):
-            raise
-        build = BUILT_BY_MAKE.get(os.path.normpath(name))
-        hint = f" Run `{build}` first: it builds {name}." if build else ""
-        raise SystemExit(f"{name}: no such local folder, and not loadable as a Hub id ({error}).{hint}") from None
+        validate_repo_id(name)
+    except HFValidationError:
+        raise BadInput(f"{flag} {name}: no such local folder (and not a Hub id); give {SAVED}") from None
+    if name.startswith((".", "/", "~")):
+        raise BadInput(f"{flag} {name}: no such local folder; give {SAVED}")
+
+
+def check_folder(name: str, flag: str, trust_remote_code: bool = False, model: bool = True) -> None:
+    """What from_pretrained would trip over or silently fill in, named before it runs: a
+    class mapped to the folder's own code (never run unless trust_remote_code), a config.json
+    missing or not a VisionEncoderDecoderModel's (no decoder: a random one would load), a
+    generation_config.json that cannot be read (it would be ignored)."""
+    folder = Path(name)
+    if not trust_remote_code:
+        for file in CODE_MAPS:
+            if (folder / file).is_file() and "auto_map" in _json(folder / file, flag, name):
+                raise BadInput(f"{flag} {name}: {file} maps a class to Python code in the folder (auto_map); this "
+                               "tool never runs code from a model folder: save the model with transformers' own "
+                               "classes")
+    if not model:
+        return
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"{flag} {name}: no config.json, not a model folder; give {SAVED}")
+    config = _json(folder / "config.json", flag, name)
+    if config.get("model_type") != "vision-encoder-decoder":
+        raise BadInput(f"{flag} {name}: config.json is of model_type {config.get('model_type')!r}, not "
+                       "'vision-encoder-decoder'; give the folder of a TrOCR model")
+    missing = [part for part in ("encoder", "decoder") if not isinstance(config.get(part), dict)]
+    if missing:
+        raise BadInput(f"{flag} {name}: config.json has no {' and no '.join(missing)} config (a random one would "
+                       "be built in its place); save the model again with save_pretrained")
+    if (folder / "generation_config.json").exists():
+        _json(folder / "generation_config.json", flag, name)
+
+
+def _json(path: Path, flag: str, name: str) -> dict:
+    try:
+        return read_json_object(path, "repair or remove it, or save the model again with save_pretrained")
+    except BadInput as error:
+        raise BadInput(f"{flag} {name}: {str(error).removeprefix(str(path.parent) + os.sep)}") from None
+
+
+def pretrained(cls, name: str, flag: str, trust_remote_code: bool = False, fix: str | None = None, **kwargs):
+    """`cls.from_pretrained(name)` that never runs a folder's own code unless asked
+    (trust_remote_code is passed, never left to a prompt on stdin) and turns every error of
+    the libraries (missing or foreign config, damaged or pickled weights, a bad tokenizer
+    config) into one BadInput line naming `flag`, the folder and what to do."""
+    if not isinstance(name, str) or not name.strip():
+        raise BadInput(f"{flag} {name!r}: empty; give {SAVED}, or a Hub id")
+    if os.path.isdir(name):
+        check_folder(name, flag, trust_remote_code, model=issubclass(cls, PreTrainedModel))
+    else:
+        _not_a_folder(name, flag)
+    try:
+        return cls.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as error:  # transformers, safetensors, tokenizers and pickle raise a dozen types
+        where = "" if os.path.isdir(name) else "not a local folder, and as a Hub id: "
+        detail = f"{type(error).__name__}: {one_line(error)[:300]}"
+        if isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: never here
+            detail = "a pickle torch.load(weights_only=True) refuses: it would build other objects or run code"
+        fix = fix or f"save it again with save_pretrained, or give another {flag}"
+        raise BadInput(f"{flag} {name}: {where}cannot load a {cls.__name__} ({detail}); {fix}") from None
+
+
+def check_model_source(model_args) -> None:
+    """check_folder on a local starting model, before a run spends time on its data."""
+    if os.path.isdir(model_args.model_name_or_path or ""):
+        check_folder(model_args.model_name_or_path, "model_name_or_path", model_args.trust_remote_code)
+
+
+def load_processor(model_args, flag: str | None = None) -> TrOCRProcessor:
+    """From a Hub id or a local folder; the checkpoint's own processor by default. `flag`
+    names the argument in errors (default: the recipe key the name came from)."""
+    name = model_args.processor_name_or_path or model_args.model_name_or_path
+    flag = flag or ("processor_name_or_path" if model_args.processor_name_or_path else "model_name_or_path")
+    processor = pretrained(TrOCRProcessor, name, flag, **_source(model_args))
     # The released checkpoints' processor configs say bilinear; the saved processor must say what training did.
     old = processor.image_processor.resample
     if old != Image.BICUBIC:
@@ -56,22 +138,22 @@ def load_processor(model_args) -> TrOCRProcessor:
     return processor
 
 
-def load_model(model_args, tokenizer) -> tuple[VisionEncoderDecoderModel, list[str]]:
+def load_model(model_args, tokenizer, flag: str = "model_name_or_path") -> tuple[VisionEncoderDecoderModel, list[str]]:
     """Weights from model.safetensors only, unless allow_pickle_weights: a pickle can run code.
     Returns the model and the special-token settings of the checkpoint it changed."""
+    name = model_args.model_name_or_path
+    if (os.path.isdir(name) and not model_args.allow_pickle_weights
+            and not any(Path(name).glob("model*.safetensors*")) and any(Path(name).glob("pytorch_model*.bin*"))):
+        raise BadInput(f"{flag} {name}: no model.safetensors. Only safetensors weights are loaded by default; "
+                       "--allow_pickle_weights also loads pytorch_model.bin")
     try:
-        model = VisionEncoderDecoderModel.from_pretrained(
-            model_args.model_name_or_path,
-            use_safetensors=None if model_args.allow_pickle_weights else True,
-            **_source(model_args),
-        )
-    except OSError as error:
-        if model_args.allow_pickle_weights or "safetensors" not in str(error):
+        model = pretrained(VisionEncoderDecoderModel, name, flag,
+                           use_safetensors=None if model_args.allow_pickle_weights else True, **_source(model_args))
+    except BadInput as error:
+        if model_args.allow_pickle_weights or os.path.isdir(name) or "safetensors" not in str(error):
             raise
-        raise SystemExit(
-            f"{model_args.model_name_or_path}: no model.safetensors ({error}). Only safetensors weights are loaded "
-            "by default; --allow_pickle_weights also loads pytorch_model.bin."
-        ) from None
+        raise BadInput(f"{error} (only model.safetensors is loaded by default; --allow_pickle_weights also loads "
+                       "pytorch_model.bin)") from None
     return model, set_special_tokens(model, tokenizer)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .errors import atomic_write_text, read_json_object
 from .figures import training_curves_figure, worst_lines_figure
 from .metrics import line_cer
 
@@ -106,10 +107,19 @@ def write_training_curves(output_dir: str, eval_rows: list[dict]) -> None:
 def update_results(output_dir: str, results: dict) -> dict:
     """Merge into all_results.json (a resumed or evaluation-only run keeps earlier keys)."""
     path = Path(output_dir) / RESULTS
-    merged = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    merged = read_results(output_dir)
     merged.update(results)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return merged
+
+
+def read_results(output_dir) -> dict:
+    """all_results.json of a run folder ({} when absent); a broken one stops with its fix.
+    A run reads it before it trains, so that it is not found broken at the end."""
+    path = Path(output_dir) / RESULTS
+    if not path.exists():
+        return {}
+    return read_json_object(path, "remove it (the run writes it again) or start afresh with --overwrite_output_dir")
 
 
 def finish_run(output_dir: str, model_args, data_args, results: dict) -> dict:

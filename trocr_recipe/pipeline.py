@@ -16,7 +16,8 @@ from .checks import run_preflight
 from .data import (
     OcrCollator, line_ids, load_splits, longest_label, normalize_on_device, tokenize_splits, with_image_transforms,
 )
-from .modeling import configure_generation, load_model, load_processor
+from .errors import BadInput, one_line
+from .modeling import check_model_source, configure_generation, load_model, load_processor
 from .outputs import log_scores, write_split_report
 from .validate import check_splits
 
@@ -74,6 +75,7 @@ def setup_logging(training_args) -> None:
 
 def prepare_run(model_args, data_args, training_args) -> RunInputs:
     # Data before the model: a wrong column or split name stops the run in seconds.
+    check_model_source(model_args)
     processor = load_processor(model_args)
     with training_args.main_process_first(desc="dataset loading, data check and label tokenization"):
         splits = load_dataset_splits(data_args, model_args.cache_dir)
@@ -113,6 +115,9 @@ def load_dataset_splits(data_args, cache_dir: str | None) -> DatasetDict:
     except (FileNotFoundError, ConnectionError) as error:  # DatasetNotFoundError is a FileNotFoundError
         where = "" if os.path.exists(path) else f" no such local folder ({os.path.abspath(path)}), and as a Hub dataset:"
         raise SystemExit(f"dataset_name {path}:{where} {error}") from None
+    except Exception as error:  # a damaged dataset_dict.json or arrow file: datasets and pyarrow raise many types
+        raise BadInput(f"dataset_name {path}: cannot load it ({type(error).__name__}: {one_line(error)[:300]}); save "
+                       "it again (save_to_disk, or data_scripts/prepare_iam.py) or give another dataset_name") from None
 
 
 def start_run(model_args, data_args, training_args, marker: str = TRAINER_MARKER, seed=transformers.set_seed):

@@ -18,7 +18,8 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .checks import pitfall_doc
 from .data import OcrCollator
-from .modeling import token_loss
+from .errors import BadInput
+from .modeling import pretrained, token_loss
 from .outputs import LossLog, read_jsonl
 
 logger = logging.getLogger("trocr_recipe")
@@ -99,11 +100,11 @@ class ReferenceBatches:
         path = self.trace_dir / part["file"]
         try:
             tensors = load_file(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: cannot read the step {row['step']} batch ({error})") from None
-        batch = ReferenceBatch(
-            pixel_values=self._collator.normalize(tensors["pixel_values"]), labels=tensors["labels"].to(torch.long)
-        )
+            pixels, labels = tensors["pixel_values"], tensors["labels"]
+        except Exception as error:  # OSError, KeyError, safetensors' own SafetensorError
+            raise ValueError(f"{path}: cannot read the step {row['step']} batch ({type(error).__name__}: "
+                             f"{error})") from None
+        batch = ReferenceBatch(pixel_values=self._collator.normalize(pixels), labels=labels.to(torch.long))
         batch.step, batch.micro_step = row["step"], micro_step
         batch.last = micro_step == len(row["micro_batches"]) - 1
         batch.step_tokens, batch.ids = row["label_tokens"], list(part["ids"])
@@ -118,6 +119,8 @@ def read_settings(trace_dir: Path) -> dict:
         raise ValueError(f"{path}: no trace settings (write one with run_trocr.py RECIPE --trace_steps N)") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    except (OSError, ValueError, RecursionError) as error:  # a folder, not UTF-8, nested too deep
+        raise ValueError(f"{path}: cannot read the trace settings ({type(error).__name__}: {error})") from None
     if not isinstance(settings, dict) or settings.get("format") != FORMAT:
         raise ValueError(f"{path}: not a trace settings file of format {FORMAT}")
     return settings
@@ -132,6 +135,8 @@ def read_steps(trace_dir: Path) -> list[dict]:
     except json.JSONDecodeError as error:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)  # as read_jsonl reads them
         raise ValueError(f"{path}, line {lines.index(error.doc) + 1}: not valid JSON ({error.msg})") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: cannot read the trace steps ({type(error).__name__}: {error})") from None
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not {"step", "loss", "label_tokens", "micro_batches"} <= set(row):
             raise ValueError(f'{path}, row {n}: needs "step", "loss", "label_tokens" and "micro_batches"')
@@ -203,9 +208,11 @@ def starting_model(settings: dict):
     """The trace's starting weights, special tokens as the reference set them, dropout off."""
     from transformers import VisionEncoderDecoderModel
 
-    model = VisionEncoderDecoderModel.from_pretrained(
-        settings["model_name_or_path"], revision=settings.get("model_revision") or "main"
-    )
+    try:  # never the folder's own code; an error the caller reports as a ValueError
+        model = pretrained(VisionEncoderDecoderModel, settings["model_name_or_path"], "the trace's model_name_or_path",
+                           revision=settings.get("model_revision") or "main")
+    except BadInput as error:
+        raise ValueError(str(error)) from None
     tokens = settings["special_tokens"]
     for config in (model.config, model.generation_config):
         config.decoder_start_token_id = tokens["decoder_start_token_id"]

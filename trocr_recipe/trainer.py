@@ -10,7 +10,7 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .generation import generating_per_line
-from .modeling import token_loss
+from .modeling import pretrained, token_loss
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -25,7 +25,8 @@ def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) ->
     `load_state_dict` on the raw file, which leaves the encoder layers untouched (each of
     their keys 'missing' and 'unexpected'; the embeddings and final layernorm load).
     Going through `from_pretrained` applies the renaming."""
-    loaded = type(model).from_pretrained(checkpoint, **from_pretrained_kwargs)
+    fix = "remove that checkpoint folder to resume from an earlier one, or start afresh with --overwrite_output_dir"
+    loaded = pretrained(type(model), checkpoint, "checkpoint", fix=fix, **from_pretrained_kwargs)
     model.load_state_dict(loaded.state_dict(), strict=True)
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from .augment import SIXTEEN_BIT, to_gray_or_rgb
 from .data import encode_labels, line_ids
+from .errors import atomic_write_text
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -141,8 +142,12 @@ def check_lines(split, role: str, check: LineCheck, num_proc: int | None, fallba
     key = Hasher.hash([CACHE_VERSION, split._fingerprint, check])
     cache = Path(folder) / f"data_check-{key}.json"
     if cache.exists():
-        logger.info("Data check of %s: cached result %s", role, cache)
-        return json.loads(cache.read_text(encoding="utf-8"))
+        found = read_cache(cache)
+        if found is not None:
+            logger.info("Data check of %s: cached result %s", role, cache)
+            return found
+        logger.warning("Data check of %s: the cache %s cannot be read (a run killed while writing it?): checking "
+                       "the lines again and replacing it", role, cache)
     raw = split.cast_column(check.image_column, ImageFeature(decode=False))
     checked = raw.map(
         check, batched=True, num_proc=num_proc, remove_columns=raw.column_names, keep_in_memory=True,
@@ -155,10 +160,23 @@ def check_lines(split, role: str, check: LineCheck, num_proc: int | None, fallba
     ]
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(found), encoding="utf-8")
+        atomic_write_text(cache, json.dumps(found))
     except OSError as error:
         logger.warning("Data check of %s not cached: %s", role, error)
     return found
+
+
+def read_cache(path: Path) -> list[list] | None:
+    """A data check cache: a list of [row, name, detail], or None when it is anything else."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    valid = isinstance(found, list) and all(
+        isinstance(item, list) and len(item) == 3 and isinstance(item[0], int) and isinstance(item[1], str)
+        for item in found
+    )
+    return found if valid else None
 
 
 def _examples(ids: list[str]) -> str:
@@ -235,7 +253,7 @@ def check_splits(splits: DatasetDict, tokenizer, data_args, output_dir: str, wri
         limits = ("max_target_length", "max_image_side", "max_aspect_ratio", "max_bad_fraction")
         settings.update({key: getattr(data_args, key) for key in limits})
         report = {"settings": settings, "splits": summary, "lines": lines}
-        Path(report_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if lines:
         found = any(line["action"] != NOTICE_ACTION for line in lines)  # notices alone are no warning
         logger.log(
