@@ -23,8 +23,9 @@ matched by number.
 
 When the reference run holds a trace (`run_trocr.py RECIPE --trace_steps N`, replayed by the
 other loop through trocr_recipe.steptrace.ReferenceBatches), the report ends with the likely
-CAUSE at the first parting step: the loss (step 1, matched against the usual loss mistakes
-computed on the trace's first batch), the optimizer (a later step), or decoding / the metric
+CAUSE at the first parting step: the loss (step 1, matched against every combination of the
+usual loss mistakes computed on the trace's first batch), the optimizer (a later step, or
+parameter norms that part: StepLog given the model logs them), or decoding / the metric
 (losses agree, CER does not). See docs/step_comparison.md.
 
 Exit code: 0 when the runs agree within the tolerances; 1 when they differ (the loss or
@@ -305,7 +306,7 @@ def first_parting(a: dict[int, float], b: dict[int, float], steps: list[int], rt
 
 
 def compare_losses(a: Run, b: Run, rtol: float) -> list[str]:
-    heading(f"Loss per step ({LOSS_LOG}, relative tolerance {rtol:g})")
+    heading(f"Loss per step ({LOSS_LOG} or {STEP_LOG}, relative tolerance {rtol:g})")
     failures = []
     common = sorted(set(a.losses) & set(b.losses))
     line("steps compared", f"{len(common)}" + (f" ({step_ranges(common)})" if common else ""))

@@ -264,14 +264,19 @@ def cause(out):
     return next(line for line in out.splitlines() if line.startswith("CAUSE"))
 
 
-def test_cause_a_learning_rate_that_differs_before_the_loss_parts(tmp_path, capsys):
+def rate_cause(tmp_path, capsys, rate, part_at):
+    """The cause named for their learning rates `rate(step)` and a loss that parts at `part_at`."""
     a = fake_trace(make_run(tmp_path / "a"))
-    b = make_run(tmp_path / "b", loss=losses(part_at=5), rate=lambda s: 1e-5 * s * (2 if s >= 4 else 1))
+    b = make_run(tmp_path / "b", loss=losses(part_at=part_at), rate=rate)
     code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
     assert code == 1
-    text = cause(out)
+    return cause(out)
+
+
+def test_cause_a_learning_rate_that_differs_before_the_loss_parts(tmp_path, capsys):
+    text = rate_cause(tmp_path, capsys, lambda s: 1e-5 * s * (2 if s >= 4 else 1), part_at=5)
     assert text.startswith("CAUSE at step 5: the optimizer.") and "learning rate at step 4 is 8e-05" in text, text
-    assert "(linear, warmup_steps 2, total_steps 12)" in text
+    assert "(linear, warmup_steps 2, total_steps 12)" in text and " x the reference's" not in text
 
 
 def test_cause_gradients_scaled_with_the_same_loss(tmp_path, capsys):
@@ -351,22 +356,14 @@ def test_malformed_trace_settings_are_bad_input(tmp_path, capsys):
 
 
 def test_cause_a_learning_rate_that_is_a_constant_factor_of_the_reference(tmp_path, capsys):
-    a = fake_trace(make_run(tmp_path / "a"))
-    b = make_run(tmp_path / "b", loss=losses(part_at=3), rate=lambda s: 1e-4 * s)
-    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
-    assert code == 1
-    text = cause(out)
+    text = rate_cause(tmp_path, capsys, lambda s: 1e-4 * s, part_at=3)
     assert text.startswith("CAUSE at step 3: the optimizer.") and "a learning rate 10 x the reference's" in text, text
     assert "optimizer.lr is 0.0001. Fix: lr=0.0001" in text
 
 
 def test_cause_no_warm_up(tmp_path, capsys):
     """The reference's rate rises over its 2 warm-up steps; theirs starts at its peak."""
-    a = fake_trace(make_run(tmp_path / "a"))
-    b = make_run(tmp_path / "b", loss=losses(part_at=2), rate=lambda s: 1e-5 * max(s, 2))
-    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
-    assert code == 1
-    text = cause(out)
+    text = rate_cause(tmp_path, capsys, lambda s: 1e-5 * max(s, 2), part_at=2)
     assert "their learning rate at step 1 is 2e-05, the reference's 1e-05: no warm-up" in text, text
     assert "10 x" not in text and "Fix: num_warmup_steps=2 in the scheduler (linear)" in text
 

@@ -81,7 +81,7 @@ class ReferenceBatches:
     total_steps, kwargs}, max_grad_norm, gradient_accumulation_steps,
     per_device_train_batch_size, seed, steps, special_tokens, loss, dropout, augmentation.
     `.steps` holds the reference's own row per step (loss, label_tokens, grad_norm,
-    learning_rate)."""
+    learning_rate, param_norms)."""
 
     def __init__(self, trace_dir):
         self.trace_dir = Path(trace_dir)
