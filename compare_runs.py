@@ -6,7 +6,8 @@ final CER / WER and the lines predicted differently, plus a plot of both runs.
     python compare_runs.py a/loss_log.jsonl b/loss_log.jsonl     # or two loss logs
     python compare_runs.py runs/small runs/small-custom --max_steps 100 --loss_rtol 1e-4
 
-A run folder holds `loss_log.jsonl` (required) and, when the run wrote them,
+A run folder holds `loss_log.jsonl` or, written by trocr_recipe.steptrace.StepLog,
+`step_log.jsonl` (read first when both are there), and, when the run wrote them,
 `all_results.json`, `predictions_<split>.jsonl`, and a validation-CER curve:
 `eval_log.jsonl` (one {"step", "eval_cer", ...} per evaluation) or else the Trainer's
 `trainer_state.json` (its `log_history`; the latest checkpoint's if the run stopped early).
@@ -22,8 +23,9 @@ matched by number.
 
 When the reference run holds a trace (`run_trocr.py RECIPE --trace_steps N`, replayed by the
 other loop through trocr_recipe.steptrace.ReferenceBatches), the report ends with the likely
-CAUSE at the first parting step: the loss (step 1, matched against the usual loss mistakes
-computed on the trace's first batch), the optimizer (a later step), or decoding / the metric
+CAUSE at the first parting step: the loss (step 1, matched against every combination of the
+usual loss mistakes computed on the trace's first batch), the optimizer (a later step, or
+parameter norms that part: StepLog given the model logs them), or decoding / the metric
 (losses agree, CER does not). See docs/step_comparison.md.
 
 Exit code: 0 when the runs agree within the tolerances; 1 when they differ (the loss or
@@ -47,6 +49,7 @@ from trocr_recipe.errors import ArgumentParser, BadInput, finite, read_json_obje
 from trocr_recipe.outputs import LOSS_LOG, RESULTS
 
 TRACE = "trace"  # a trace run's folder of batches and settings (trocr_recipe.steptrace)
+STEP_LOG = "step_log.jsonl"  # a replaying loop's StepLog (trocr_recipe.steptrace.STEP_LOG)
 DOCS = "docs/step_comparison.md"
 
 EVAL_LOG = "eval_log.jsonl"
@@ -58,6 +61,12 @@ MAX_RANGES = 10  # step ranges listed for the steps logged by one run only
 # report's work grows with the step numbers.
 MAX_STEP = 10**7
 PLOT_FORMATS = set(FigureCanvasAgg(Figure()).get_supported_filetypes())
+# The parameter groups whose norms StepLog and a trace log: weights, and biases with LayerNorm.
+NORM_GROUPS = {"decay": "the decayed weights", "no_decay": "the biases and LayerNorm parameters (no_decay)"}
+# Parameter norms are compared at --loss_rtol / NORM_RTOL_DIVISOR: a correct replay's agree to
+# about 1e-10, while a weight decay of 1e-4 on the no-decay group moves theirs by 4e-7 in 20 steps
+# (docs/step_comparison.md).
+NORM_RTOL_DIVISOR = 100
 
 
 @dataclass
@@ -73,6 +82,7 @@ class Run:
     predictions: dict[str, dict[str, dict]]  # split -> line id -> row
     grad_norms: dict[int, float] = field(default_factory=dict)  # before clipping, when logged
     trace: Path | None = None  # the run's trace folder, when it wrote one
+    param_norms: dict[int, dict] = field(default_factory=dict)  # {"decay", "no_decay"} after each update, when logged
 
 
 @dataclass
@@ -225,6 +235,20 @@ def check_first_batches(trace: Path, steps: list[tuple[int, dict]]) -> None:
                 raise BadInput(f"{trace / name}: holds {sorted(keys)}, not pixel_values and labels")
 
 
+def read_param_norms(path: Path, max_steps: int | None) -> dict[int, dict]:
+    """{step: {"decay", "no_decay"}} where a row holds both parameter norms (StepLog given the
+    model, a trace's steps.jsonl); rows without them are left out of this comparison only."""
+    if not path.is_file():
+        return {}
+    norms = {}
+    for _, row in read_rows(path):
+        step, value = row.get("step"), row.get("param_norms")
+        if isinstance(step, int) and isinstance(value, dict) and all(_is_number(value.get(k)) for k in NORM_GROUPS):
+            if max_steps is None or step <= max_steps:
+                norms[step] = {k: float(value[k]) for k in NORM_GROUPS}
+    return norms
+
+
 def latest_trainer_state(folder: Path) -> Path | None:
     """The run's trainer_state.json, or the latest checkpoint's when training stopped early."""
     if (folder / TRAINER_STATE).is_file():
@@ -281,7 +305,7 @@ def read_results(path: Path) -> dict:
 
 def run_name(path: Path) -> str:
     # A loss log is named after its run folder: every run's file is called loss_log.jsonl.
-    if path.is_file() and path.name == LOSS_LOG:
+    if path.is_file() and path.name in (LOSS_LOG, STEP_LOG):
         path = path.parent
     return path.resolve().name if path.is_dir() else path.stem
 
@@ -291,22 +315,25 @@ def load_run(path: str, label: str, max_steps: int | None) -> Run:
     if path.is_file():  # a loss log alone: nothing else to compare
         folder, loss_log = None, path
     elif path.is_dir():
-        folder, loss_log = path, path / LOSS_LOG
+        folder, loss_log = path, path / STEP_LOG if (path / STEP_LOG).is_file() else path / LOSS_LOG
         if not loss_log.is_file():
-            raise BadInput(f"{path}: no {LOSS_LOG} (see the format in `python compare_runs.py --help`)")
+            raise BadInput(f"{path}: no {LOSS_LOG} (nor {STEP_LOG}; see the format in `python compare_runs.py --help`)")
     else:
         raise BadInput(f"{path}: no such file or folder")
     losses, rates, norms = read_loss_log(loss_log, max_steps)
+    param_norms = read_param_norms(loss_log, max_steps)
     if folder is None:
-        return Run(label, run_name(path), path, losses, rates, {}, None, {}, {}, norms)
+        return Run(label, run_name(path), path, losses, rates, {}, None, {}, {}, norms, param_norms=param_norms)
     trace, trace_norms = read_trace(folder, max_steps)
     eval_cer, eval_source = read_eval_curve(folder, max_steps)
     results = read_results(folder / RESULTS) if (folder / RESULTS).is_file() else {}
     predictions = {
         p.stem.removeprefix("predictions_"): read_predictions(p) for p in sorted(folder.glob("predictions_*.jsonl"))
     }
+    if trace is not None:
+        param_norms = {**read_param_norms(trace / "steps.jsonl", max_steps), **param_norms}
     return Run(label, run_name(path), path, losses, rates, eval_cer, eval_source, results, predictions,
-               {**trace_norms, **norms}, trace)
+               {**trace_norms, **norms}, trace, param_norms)
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,7 +374,7 @@ def first_parting(a: dict[int, float], b: dict[int, float], steps: list[int], rt
 
 
 def compare_losses(a: Run, b: Run, rtol: float) -> list[str]:
-    heading(f"Loss per step ({LOSS_LOG}, relative tolerance {rtol:g})")
+    heading(f"Loss per step ({LOSS_LOG} or {STEP_LOG}, relative tolerance {rtol:g})")
     failures = []
     common = sorted(set(a.losses) & set(b.losses))
     line("steps compared", f"{len(common)}" + (f" ({step_ranges(common)})" if common else ""))
@@ -381,6 +408,27 @@ def compare_losses(a: Run, b: Run, rtol: float) -> list[str]:
         values = f"A {a.learning_rates[rate_parting]:.9g}  B {b.learning_rates[rate_parting]:.9g}"
         line("learning rate", f"first differs at step {rate_parting}: {values}")
         failures.append(f"the learning rate differs from step {rate_parting}")
+    return failures
+
+
+def compare_param_norms(a: Run, b: Run, rtol: float) -> list[str]:
+    """The norm of each parameter group after each update, where both runs logged it (a trace;
+    StepLog given the model): an update that differs shows here before it shows in the loss."""
+    steps = sorted(set(a.param_norms) & set(b.param_norms))
+    if not steps:
+        return []
+    rtol = rtol / NORM_RTOL_DIVISOR
+    heading(f"Parameter norms after each update (relative tolerance {rtol:g}: --loss_rtol / {NORM_RTOL_DIVISOR})")
+    failures = []
+    for group, what in NORM_GROUPS.items():
+        parting = first_parting({s: a.param_norms[s][group] for s in steps},
+                                {s: b.param_norms[s][group] for s in steps}, steps, rtol)
+        if parting is None:
+            line(group, f"agrees at all {len(steps)} steps logged by both")
+            continue
+        values = f"A {a.param_norms[parting][group]:.9g}  B {b.param_norms[parting][group]:.9g}"
+        line(group, f"first differs after step {parting}: {values}")
+        failures.append(f"the norm of {what} differs after step {parting}")
     return failures
 
 
@@ -480,11 +528,14 @@ def find_cause(a: Run, b: Run, failures: list[str], rtol: float, cause_rtol: flo
         return None
     common = sorted(set(a.losses) & set(b.losses))
     parting = first_parting(a.losses, b.losses, common, rtol) if common else None
-    if parting is None:
+    moved, _ = first_group_parting(a, b, rtol)
+    if parting is None and moved is None:
         return logged_rate_cause(a, b, common, rtol) or decoding_cause(a, b, failures)
     if 0 in b.losses and 1 in a.losses and relative_gap(b.losses[0], a.losses[1]) <= rtol:
         return Cause(1, "steps", f"their steps are numbered from 0: their step 0 has the reference's step-1 loss "
                                  f"({a.losses[1]:.6g}). Fix: log step = optimizer steps done, counting from 1.")
+    if parting is None:  # the losses agree, the parameters do not
+        return optimizer_cause(a, b, None, rtol) if a.trace is not None else None
     if a.trace is None:
         return Cause(parting, "no trace", f"the loss parts at step {parting}. {a.path} has no {TRACE}/: write one with "
                      "`run_trocr.py RECIPE --trace_steps 20` and replay it in your loop (ReferenceBatches), and "
@@ -495,7 +546,8 @@ def find_cause(a: Run, b: Run, failures: list[str], rtol: float, cause_rtol: flo
 
 
 def loss_cause(a: Run, b: Run, cause_rtol: float) -> Cause:
-    """Step 1 parts with the same weights and batch: which loss computation gives their number."""
+    """Step 1 parts with the same weights and pixels: which loss computation (a combination of
+    the usual mistakes) gives their number."""
     from transformers.utils import logging as hf_logging
 
     from trocr_recipe.steptrace import step_loss_variants
@@ -511,52 +563,116 @@ def loss_cause(a: Run, b: Run, cause_rtol: float) -> Cause:
     if relative_gap(variants[0][1], reference) > cause_rtol:
         note = (f" (Note: the starting weights now give {variants[0][1]:.6g}, not the trace's {reference:.6g}: "
                 "has the checkpoint changed since the trace?)")
-
-    def gap(variant):
-        return relative_gap(variant[1], theirs)
-
-    closest = min(variants, key=gap)
-    if closest is variants[0] or gap(closest) > cause_rtol:
-        name, value, _ = min(variants[1:], key=gap)
-        return Cause(1, "loss", f"the loss or the inputs. Their step-1 loss {theirs:.6g} matches none of the usual "
-                     f"loss mistakes (closest: '{name}' {value:.6g}); the reference's is {reference:.6g}. With the "
-                     "same weights and batch the step-1 loss must agree: feed ReferenceBatches unchanged, start from "
-                     "the settings' model_name_or_path with dropout off, and compute the settings' loss "
-                     f"({DOCS}).{note}")
-    name, value, fix = closest
-    # Variants this batch cannot tell apart from the closest (a barely trained model's losses lie close).
-    near = max(10 * gap(closest), 1e-6)
-    also = [f"'{n}' ({v:.6g})" for n, v, f in variants[1:] if n != name and gap((n, v, f)) <= near]
+    name, value, fix, also = closest_variant(variants, theirs)
+    if name == variants[0][0] or relative_gap(value, theirs) > cause_rtol:
+        name, value, _, _ = closest_variant(variants[1:], theirs)
+        return Cause(1, "loss", f"the loss or the inputs. Their step-1 loss {theirs:.6g} matches no combination of the "
+                     f"usual loss mistakes (closest: '{name}' {value:.6g}); the reference's is {reference:.6g}. With "
+                     "the same weights and pixels the step-1 loss must agree: feed the batches' pixel_values "
+                     "unchanged, start from the settings' model_name_or_path with dropout off, and compare your "
+                     f"label and loss code with the settings' loss ({DOCS}).{note}")
     also_text = f" (on this batch as well as {', '.join(also)})" if also else ""
     return Cause(1, "loss", f"the loss. Their step-1 loss {theirs:.6g} matches '{name}' ({value:.6g}){also_text}; "
                  f"the reference's is {reference:.6g}. Fix: {fix}. See {DOCS}.{note}")
 
 
-def optimizer_cause(a: Run, b: Run, parting: int, rtol: float) -> Cause:
-    """Step 1 agrees, a later step parts: the learning rate, a scaled gradient, or the update."""
+def closest_variant(variants: list[tuple[str, float, str]], theirs: float, listed: int = 3):
+    """The variant nearest their loss, the simplest combination among those the batch cannot
+    tell apart from it (a barely trained model's losses lie close; equal ones are equal
+    mathematically), and up to `listed` others as near: (name, value, fix, [others])."""
+    gaps = [relative_gap(value, theirs) for _, value, _ in variants]
+    near = max(10 * min(gaps), 1e-6)
+    ties = sorted((name.count(" + "), gap, i) for i, (gap, (name, _, _)) in enumerate(zip(gaps, variants))
+                  if gap <= near)
+    name, value, fix = variants[ties[0][2]]
+    also = [f"'{variants[i][0]}' ({variants[i][1]:.6g})" for _, _, i in sorted(ties[1:], key=lambda t: t[1])[:listed]]
+    return name, value, fix, also
+
+
+def optimizer_cause(a: Run, b: Run, parting: int | None, rtol: float) -> Cause:
+    """Step 1 agrees and a later step parts (`parting`; None when only the parameters part):
+    the learning rate, a scaled gradient, the update of one parameter group, or the update."""
     from trocr_recipe.steptrace import read_settings
 
     settings = read_settings(a.trace)
-    head = f"the optimizer. The losses agree up to step {parting - 1} and part at step {parting}"
+    moved, groups = first_group_parting(a, b, rtol)
+    update = min(s for s in (moved, parting and parting - 1) if s)  # the first update that differs
+    if parting is None:
+        head = "the optimizer. The losses agree at every step, the parameters do not"
+    else:
+        head = f"the optimizer. The losses agree up to step {parting - 1} and part at step {parting}"
     try:
-        text = rate_text(a, b, parting, rtol, settings) or scaled_gradient_text(a, b, parting, rtol, settings)
-        text = text or update_text(a, b, parting, rtol, settings)
+        text = rate_text(a, b, update + 1, rtol, settings) or scaled_gradient_text(a, b, update + 1, rtol, settings)
+        text = text or group_text(a, b, moved, groups, settings) or update_text(a, b, update + 1, rtol, settings)
     except KeyError as error:
         text = f"; {a.trace / 'settings.json'} lacks {error}, so the settings to compare cannot be named"
-    return Cause(parting, "optimizer", f"{head}{text}")
+    return Cause(parting or moved, "optimizer", f"{head}{text}")
 
 
 def rate_text(a: Run, b: Run, parting: int, rtol: float, settings: dict) -> str | None:
-    """The first learning rate that differs before the loss parts (the rate of step s shows at s + 1)."""
-    steps = [s for s in sorted(set(a.learning_rates) & set(b.learning_rates)) if s < parting]
-    rate = first_parting(a.learning_rates, b.learning_rates, steps, rtol)
+    """The first learning rate that differs before the loss parts (the rate of step s shows at s + 1),
+    named as a scaled optimizer.lr or a missing warm-up where the rates show one."""
+    common = sorted(set(a.learning_rates) & set(b.learning_rates))
+    rate = first_parting(a.learning_rates, b.learning_rates, [s for s in common if s < parting], rtol)
     if rate is None:
         return None
-    schedule = settings["schedule"]
-    return (f": their learning rate at step {rate} is {b.learning_rates[rate]:.6g}, the reference's "
-            f"{a.learning_rates[rate]:.6g}. Compare optimizer.lr {settings['optimizer']['lr']:g} and the schedule "
-            f"({schedule['name']}, warmup_steps {schedule['warmup_steps']}, total_steps {schedule['total_steps']}): "
-            f"the rate a step uses is read before scheduler.step(). See {DOCS}.")
+    schedule, lr = settings["schedule"], settings["optimizer"]["lr"]
+    theirs, ours = b.learning_rates[rate], a.learning_rates[rate]
+    where = f"their learning rate at step {rate} is {theirs:.6g}, the reference's {ours:.6g}"
+    ratio = rate_ratio(a, b, common, rtol)
+    if ratio is not None:
+        why = (f"a learning rate {ratio:.4g} x the reference's at every step: their peak rate is {ratio * lr:.6g}, "
+               f"optimizer.lr is {lr:g}. Fix: lr={lr:g}")
+    elif schedule["warmup_steps"] and rate <= schedule["warmup_steps"] and theirs > ours:
+        why = (f"no warm-up: the reference's rate rises from {a.learning_rates[common[0]]:.6g} over "
+               f"{schedule['warmup_steps']} warm-up steps, theirs is already {theirs:.6g}. Fix: "
+               f"num_warmup_steps={schedule['warmup_steps']} in the scheduler ({schedule['name']})")
+    else:
+        why = (f"the learning rate. Compare optimizer.lr {lr:g} and the schedule ({schedule['name']}, warmup_steps "
+               f"{schedule['warmup_steps']}, total_steps {schedule['total_steps']}): the rate a step uses is read "
+               "before scheduler.step()")
+    return f": {where}: {why}. See {DOCS}."
+
+
+def rate_ratio(a: Run, b: Run, steps: list[int], rtol: float) -> float | None:
+    """Their rate over the reference's where it is one constant factor (other than 1) at every step."""
+    ratios = [b.learning_rates[s] / a.learning_rates[s] for s in steps if a.learning_rates[s]]
+    zeros_agree = all(relative_gap(b.learning_rates[s], 0.0) <= rtol for s in steps if not a.learning_rates[s])
+    if not ratios or not zeros_agree or any(relative_gap(r, ratios[0]) > max(rtol, 1e-6) for r in ratios):
+        return None
+    return ratios[0] if relative_gap(ratios[0], 1.0) > rtol else None
+
+
+def first_group_parting(a: Run, b: Run, rtol: float) -> tuple[int | None, list[str]]:
+    """The first step after whose update a parameter group's norm differs, and the groups that do."""
+    for step in sorted(set(a.param_norms) & set(b.param_norms)):
+        groups = [g for g in NORM_GROUPS
+                  if relative_gap(a.param_norms[step][g], b.param_norms[step][g]) > rtol / NORM_RTOL_DIVISOR]
+        if groups:
+            return step, groups
+    return None, []
+
+
+def group_text(a: Run, b: Run, step: int | None, groups: list[str], settings: dict) -> str | None:
+    """One parameter group alone parts, by what the reference's weight decay would make of it:
+    decay shrinks a group's norm by about weight_decay x the rates summed so far."""
+    if step is None or len(groups) != 1 or not all(s in a.learning_rates for s in range(1, step + 1)):
+        return None
+    group, other = groups[0], next(g for g in NORM_GROUPS if g != groups[0])
+    theirs, ours = b.param_norms[step][group], a.param_norms[step][group]
+    decay = settings["optimizer"]["weight_decay"]
+    expected = decay * sum(a.learning_rates[s] for s in range(1, step + 1))
+    shrunk = (ours - theirs) / ours if group == "no_decay" else (theirs - ours) / ours
+    if not expected or not 0.5 <= shrunk / expected <= 2:
+        return None
+    evidence = (f": after step {step}'s update the norm of {NORM_GROUPS[group]} is {theirs:.9g}, the reference's "
+                f"{ours:.9g} (relative {shrunk:.3g}; weight_decay {decay:g} x the rates so far: {expected:.3g}), while "
+                f"{NORM_GROUPS[other]} agree")
+    name = ("weight decay applied to biases/LayerNorm (the no-decay group)" if group == "no_decay"
+            else "no weight decay on the decayed weights")
+    return (f"{evidence}: {name}. Fix: two parameter groups as settings.json's param_groups: weight_decay {decay:g} "
+            f"on the weights, 0.0 on its {len(settings['no_decay'])} no_decay parameters (biases and LayerNorm). "
+            f"See {DOCS}.")
 
 
 def first_norm_parting(a: Run, b: Run, parting: int, rtol: float) -> tuple[int | None, list[int]]:
@@ -752,6 +868,7 @@ def compare(argv=None) -> int:
 
     print(f"A = {a.path}\nB = {b.path}" + (f"\nonly steps <= {args.max_steps}" if args.max_steps is not None else ""))
     failures = compare_losses(a, b, args.loss_rtol)
+    failures += compare_param_norms(a, b, args.loss_rtol)
     failures += compare_eval_curves(a, b, args.cer_atol)
     failures += compare_results(a, b, args.cer_atol, counted=args.max_steps is None)
     compare_predictions(a, b, args.top_lines)

@@ -22,16 +22,19 @@ def write_jsonl(path, rows):
 
 def make_run(
     folder, loss=None, rate=lambda s: 1e-5 * s, results=None, predictions=None, eval_log=None, trainer_state=None,
-    grad_norm=None,
+    grad_norm=None, param_norms=None, log="loss_log.jsonl",
 ):
     """A run folder as run_trocr.py writes it; `eval_log` / `trainer_state` give the CER curve {step: cer},
-    `grad_norm` a gradient norm per step (as a foreign loop's StepLog writes it)."""
+    `grad_norm` a gradient norm per step and `param_norms` the two groups' norms per step (as a foreign
+    loop's StepLog writes them, into `log`)."""
     folder.mkdir(parents=True)
     loss = losses() if loss is None else loss
     rows = [{"step": s, "loss": v, "learning_rate": rate(s), "epoch": s / 4} for s, v in loss.items()]
     for row in rows if grad_norm else []:
         row["grad_norm"] = grad_norm(row["step"])
-    write_jsonl(folder / "loss_log.jsonl", rows)
+    for row in rows if param_norms else []:
+        row["param_norms"] = param_norms(row["step"])
+    write_jsonl(folder / log, rows)
     if results is not None:
         (folder / "all_results.json").write_text(json.dumps(results))
     for split, rows in (predictions or {}).items():
@@ -231,7 +234,12 @@ def test_relative_gap():
 # The cause, named after the verdict
 
 
-def fake_trace(folder, grad_norm=lambda s: 0.5, max_grad_norm=1.0):
+def norms(step, decay_shrink=0.0, no_decay_shrink=0.0):
+    """The two groups' parameter norms after `step` updates, each group shrunk by a factor per step."""
+    return {"decay": 40.0 * (1 - decay_shrink) ** step, "no_decay": 15.0 * (1 - no_decay_shrink) ** step}
+
+
+def fake_trace(folder, grad_norm=lambda s: 0.5, max_grad_norm=1.0, param_norms=None):
     """A trace's settings and per-step rows, without batches: what the optimizer's cause reads."""
     trace = folder / "trace"
     trace.mkdir()
@@ -246,6 +254,8 @@ def fake_trace(folder, grad_norm=lambda s: 0.5, max_grad_norm=1.0):
     (trace / "settings.json").write_text(json.dumps(settings))
     rows = [{"step": s, "loss": v, "label_tokens": 40, "grad_norm": grad_norm(s), "learning_rate": 1e-5 * s,
              "micro_batches": []} for s, v in losses().items()]
+    for row in rows if param_norms else []:
+        row["param_norms"] = param_norms(row["step"])
     write_jsonl(trace / "steps.jsonl", rows)
     return folder
 
@@ -254,14 +264,19 @@ def cause(out):
     return next(line for line in out.splitlines() if line.startswith("CAUSE"))
 
 
-def test_cause_a_learning_rate_that_differs_before_the_loss_parts(tmp_path, capsys):
+def rate_cause(tmp_path, capsys, rate, part_at):
+    """The cause named for their learning rates `rate(step)` and a loss that parts at `part_at`."""
     a = fake_trace(make_run(tmp_path / "a"))
-    b = make_run(tmp_path / "b", loss=losses(part_at=5), rate=lambda s: 1e-5 * s * (2 if s >= 4 else 1))
+    b = make_run(tmp_path / "b", loss=losses(part_at=part_at), rate=rate)
     code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
     assert code == 1
-    text = cause(out)
+    return cause(out)
+
+
+def test_cause_a_learning_rate_that_differs_before_the_loss_parts(tmp_path, capsys):
+    text = rate_cause(tmp_path, capsys, lambda s: 1e-5 * s * (2 if s >= 4 else 1), part_at=5)
     assert text.startswith("CAUSE at step 5: the optimizer.") and "learning rate at step 4 is 8e-05" in text, text
-    assert "(linear, warmup_steps 2, total_steps 12)" in text
+    assert "(linear, warmup_steps 2, total_steps 12)" in text and " x the reference's" not in text
 
 
 def test_cause_gradients_scaled_with_the_same_loss(tmp_path, capsys):
@@ -338,3 +353,63 @@ def test_malformed_trace_settings_are_bad_input(tmp_path, capsys):
     code, _, err = run(capsys, a, make_run(tmp_path / "b"), "--plot", tmp_path / "plot.png")
     assert code == 2
     assert "settings.json, line 2: not valid JSON" in err
+
+
+def test_cause_a_learning_rate_that_is_a_constant_factor_of_the_reference(tmp_path, capsys):
+    text = rate_cause(tmp_path, capsys, lambda s: 1e-4 * s, part_at=3)
+    assert text.startswith("CAUSE at step 3: the optimizer.") and "a learning rate 10 x the reference's" in text, text
+    assert "optimizer.lr is 0.0001. Fix: lr=0.0001" in text
+
+
+def test_cause_no_warm_up(tmp_path, capsys):
+    """The reference's rate rises over its 2 warm-up steps; theirs starts at its peak."""
+    text = rate_cause(tmp_path, capsys, lambda s: 1e-5 * max(s, 2), part_at=2)
+    assert "their learning rate at step 1 is 2e-05, the reference's 1e-05: no warm-up" in text, text
+    assert "10 x" not in text and "Fix: num_warmup_steps=2 in the scheduler (linear)" in text
+
+
+def test_cause_weight_decay_on_the_no_decay_group_while_the_losses_agree(tmp_path, capsys):
+    """Their biases and LayerNorm shrink by weight_decay x lr each step, their weights update as the reference's."""
+    a = fake_trace(make_run(tmp_path / "a"), param_norms=norms)
+    b = make_run(tmp_path / "b", param_norms=lambda s: norms(s, no_decay_shrink=0.01 * 1e-5 * s),
+                 log="step_log.jsonl")
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    assert "loss                  agrees at every common step" in out
+    assert report_line(out, "decay").strip().startswith("decay                 agrees at all 12 steps")
+    assert report_line(out, "no_decay").strip().startswith("no_decay              first differs after step 2")
+    text = cause(out)
+    assert text.startswith("CAUSE at step 2: the optimizer. The losses agree at every step, the parameters do not")
+    assert "weight decay applied to biases/LayerNorm (the no-decay group)" in text, text
+    assert "The reference clipped" not in text
+
+
+def test_cause_clipping_when_both_parameter_groups_part(tmp_path, capsys):
+    """Both groups part at once: not a weight decay of one group; the reference clipped."""
+    a = fake_trace(make_run(tmp_path / "a"), grad_norm=lambda s: 2.0, param_norms=norms)
+    b = make_run(tmp_path / "b", loss=losses(part_at=4), grad_norm=lambda s: 2.0,
+                 param_norms=lambda s: norms(s, 1e-6 * (s > 1), 1e-6 * (s > 1)))
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    text = cause(out)
+    assert text.startswith("CAUSE at step 4: the optimizer.") and "an update up to step 2 differs" in text, text
+    assert "The reference clipped the gradients at step(s) 1-2" in text and "applied to biases" not in text
+
+
+def test_one_group_parting_by_another_amount_than_the_weight_decay_is_not_named_weight_decay(tmp_path, capsys):
+    a = fake_trace(make_run(tmp_path / "a"), grad_norm=lambda s: 2.0, param_norms=norms)
+    b = make_run(tmp_path / "b", param_norms=lambda s: norms(s, no_decay_shrink=1e-4))  # 1000 x 0.01 x 1e-5
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 1
+    text = cause(out)
+    assert "applied to biases" not in text and "The reference clipped the gradients" in text, text
+
+
+def test_a_step_log_is_read_before_a_loops_own_loss_log(tmp_path, capsys):
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b", log="step_log.jsonl")
+    write_jsonl(b / "loss_log.jsonl", [{"step": 1, "loss": 99.0}])  # the loop's own log, in its own format
+    code, out, _ = run(capsys, a, b, "--plot", tmp_path / "plot.png")
+    assert code == 0, out
+    code, out, _ = run(capsys, a, b / "step_log.jsonl", "--plot", tmp_path / "plot.png")
+    assert code == 0 and "Plot: " + str(tmp_path / "plot.png") in out

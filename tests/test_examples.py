@@ -141,8 +141,9 @@ def replay_and_compare(outside, tiny_data, tiny_model, reference, capsys, name, 
     replayed = run_loop(outside, tiny_data, tiny_model, "--mistakes", mistakes, "--output_dir", folder,
                         "--reference_trace", reference / "trace")
     assert replayed.returncode == 0, replayed.output
-    steps = [json.loads(line)["step"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, TRACE_STEPS + 1))
+    rows = [json.loads(line) for line in (folder / "step_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, TRACE_STEPS + 1))
+    assert all(set(row["param_norms"]) == {"decay", "no_decay"} for row in rows)
     capsys.readouterr()
     code = compare_runs.main([str(reference), str(folder), "--plot", str(folder / "compare.png")])
     assert (folder / "compare.png").is_file()
@@ -158,12 +159,19 @@ def test_the_fixed_loop_replays_the_reference_steps(outside, tiny_data, tiny_mod
     assert re.search(rf"learning rate\s+agrees at all {TRACE_STEPS} steps", report), report
 
 
-@pytest.mark.parametrize("mistake, cause", [("pad", "pad tokens counted"), ("bos", "<s> kept")])
+@pytest.mark.parametrize("mistake, cause", [
+    ("pad", "pad tokens counted in the loss (labels padded to 64)"),
+    ("bos", "<s> kept in the labels"),
+    ("bos,pad,start", "<s> kept in the labels + pad tokens counted in the loss (labels padded to 64) + decoder started "
+                      "from <s>"),
+], ids=["pad", "bos", "all three"])
 def test_a_loss_mistake_is_named_at_step_1(outside, tiny_data, tiny_model, reference, capsys, mistake, cause):
-    code, report = replay_and_compare(outside, tiny_data, tiny_model, reference, capsys, f"replay-{mistake}", mistake)
+    """The loop's own label code (labels padded to its max_length 64) and special tokens, on the trace's lines."""
+    name = f"replay-{mistake.replace(',', '-')}"
+    code, report = replay_and_compare(outside, tiny_data, tiny_model, reference, capsys, name, mistake)
     assert code == 1, report
     named = re.search(r"^CAUSE at step (\d+): the loss\..* matches '([^']*)'", report, re.M)
-    assert named and named.group(1) == "1" and cause in named.group(2), report
+    assert named and named.group(1) == "1" and named.group(2) == cause, report
 
 
 def test_the_loop_trains_without_the_project(outside, tiny_data, tiny_model):

@@ -198,8 +198,11 @@ def test_a_checkpoint_already_right_is_not_reported_as_changed(tiny_args, caplog
 
 def test_the_tiny_recipe_without_make_tiny_says_to_run_it(tiny_args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no models/tiny here
-    with pytest.raises(SystemExit, match=r"models/tiny: no such local folder.*Run `make tiny` first"):
+    with pytest.raises(SystemExit, match=r"models/tiny: no such local folder.*Run `make tiny` first") as stop:
         run_trocr.main(tiny_args + ["--model_name_or_path", "models/tiny"])
+    # Run from another folder, the message names the folder it looked in: paths are relative to here.
+    assert f"looked in {tmp_path / 'models' / 'tiny'}: a recipe's paths are relative to the folder you run from" in str(
+        stop.value)
 
 
 @pytest.mark.parametrize("script", [run_trocr, run_trocr_no_trainer], ids=["trainer", "no_trainer"])

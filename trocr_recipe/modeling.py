@@ -51,7 +51,9 @@ def _not_a_folder(name: str, flag: str) -> None:
         raise BadInput(f"{flag} {name}: not a folder; give {SAVED}")
     build = BUILT_BY_MAKE.get(os.path.normpath(name))
     if build:
-        raise BadInput(f"{flag} {name}: no such local folder. Run `{build}` first: it builds {name}.")
+        raise BadInput(f"{flag} {name}: no such local folder (looked in {os.path.abspath(name)}: a recipe's paths are "
+                       "relative to the folder you run from; run from the repository root or give the path from "
+                       f"here). Run `{build}` first: it builds {name}.")
     try:
         validate_repo_id(name)
     except HFValidationError:

@@ -1,14 +1,16 @@
 """A deterministic reference trace that another training loop replays step by step.
 
 `run_trocr.py RECIPE --trace_steps N` trains N optimizer steps with dropout and augmentation
-off and writes `<output_dir>/trace/`: every batch the model consumed, the step's loss, label
-tokens, gradient norm and learning rate, and `settings.json` (what a loop must share to be
-comparable). A foreign loop swaps its DataLoader for `ReferenceBatches` and logs with
-`StepLog`; compare_runs.py then names the first cause of a difference.
+off and writes `<output_dir>/trace/`: every batch the model consumed, its lines' ids and
+texts, the step's loss, label tokens, gradient norm, learning rate and parameter norms, and
+`settings.json` (what a loop must share to be comparable). A foreign loop swaps its
+DataLoader for `ReferenceBatches`, remakes the labels from `batch.texts` with its own label
+code and logs with `StepLog`; compare_runs.py then names the first cause of a difference.
 See docs/step_comparison.md."""
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -19,14 +21,15 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from .checks import pitfall_doc
 from .data import OcrCollator
 from .errors import BadInput
-from .modeling import pretrained, token_loss
-from .outputs import LossLog, read_jsonl
+from .modeling import pretrained
+from .outputs import JsonlLog, read_jsonl
 
 logger = logging.getLogger("trocr_recipe")
 
 TRACE_DIR = "trace"
 SETTINGS = "settings.json"
 STEPS = "steps.jsonl"
+STEP_LOG = "step_log.jsonl"  # StepLog's file: not loss_log.jsonl, which a loop may write itself
 FORMAT = 1
 LOSS = (
     "cross-entropy summed over the label tokens (labels != -100), divided by the label tokens of the whole "
@@ -49,13 +52,24 @@ class ReferenceBatch(dict):
     `model(**batch)` works; where it sits in the run is in attributes, not keys:
     `step` (optimizer step, from 1), `micro_step` (from 0), `last` (the step's last
     micro-batch: clip and step the optimizer after it), `step_tokens` (label tokens of the
-    whole optimizer step, the loss's divisor) and `ids` (the lines' ids)."""
+    whole optimizer step, the loss's divisor), `ids` (the lines' ids) and `texts` (the
+    lines' texts, for a loop's own label code)."""
 
     step: int
     micro_step: int
     last: bool
     step_tokens: int
     ids: list[str]
+    source: str  # the steps.jsonl row it came from, for errors
+
+    @property
+    def texts(self) -> list[str]:
+        """The lines' texts, in the batch's order: labels made from them by a loop's own code
+        keep that code's mistakes visible."""
+        if self._texts is None:
+            raise ValueError(f"{self.source}: step {self.step} has no line texts (a trace written before they were "
+                             "kept): write the trace again, or look the texts up in your dataset by batch.ids")
+        return self._texts
 
 
 class ReferenceBatches:
@@ -69,7 +83,7 @@ class ReferenceBatches:
     total_steps, kwargs}, max_grad_norm, gradient_accumulation_steps,
     per_device_train_batch_size, seed, steps, special_tokens, loss, dropout, augmentation.
     `.steps` holds the reference's own row per step (loss, label_tokens, grad_norm,
-    learning_rate)."""
+    learning_rate, param_norms)."""
 
     def __init__(self, trace_dir):
         self.trace_dir = Path(trace_dir)
@@ -108,6 +122,8 @@ class ReferenceBatches:
         batch.step, batch.micro_step = row["step"], micro_step
         batch.last = micro_step == len(row["micro_batches"]) - 1
         batch.step_tokens, batch.ids = row["label_tokens"], list(part["ids"])
+        batch._texts = list(part["texts"]) if "texts" in part else None
+        batch.source = str(self.trace_dir / STEPS)
         return batch
 
 
@@ -143,19 +159,23 @@ def read_steps(trace_dir: Path) -> list[dict]:
     return rows
 
 
-class StepLog(LossLog):
-    """`loss_log.jsonl` of a foreign loop, in compare_runs.py's format: one row per optimizer
-    step, `loss` the step's mean token loss (not a micro-batch's), `learning_rate` the rate
-    the step used, `grad_norm` the total gradient norm before clipping (optional, it lets
-    compare_runs tell a scaled loss from an optimizer difference). A context manager, or
-    call `.close()`; the file starts empty."""
+class StepLog(JsonlLog):
+    """`<output_dir>/step_log.jsonl`, a foreign loop's steps in compare_runs.py's format: one
+    row per optimizer step, `loss` the step's mean token loss (not a micro-batch's),
+    `learning_rate` the rate the step used, `grad_norm` the total gradient norm before
+    clipping (optional: it tells a scaled loss from an optimizer difference) and, given the
+    model, `param_norms` after the step's update (weight decay on the wrong parameters shows
+    there). A context manager, or call `.close()`; the file starts empty. Its name is not
+    loss_log.jsonl, so that a loop's own loss log beside it is never mixed in."""
 
-    def __init__(self, output_dir):
-        super().__init__(str(output_dir))
+    def __init__(self, output_dir, model=None):
+        super().__init__(str(output_dir), STEP_LOG)
         self.start(0)
+        self.model = model
         self.last_step = None
 
     def log(self, step: int, loss, learning_rate, grad_norm=None) -> None:
+        """Call it after optimizer.step(): the parameter norms are those of the updated model."""
         step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(
@@ -165,6 +185,8 @@ class StepLog(LossLog):
         row = {"step": step, "loss": float(loss), "learning_rate": rate}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        if self.model is not None:
+            row["param_norms"] = parameter_norms(self.model)
         self.write(row)
         self.last_step = step
 
@@ -176,6 +198,27 @@ class StepLog(LossLog):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def no_decay_names(model) -> set[str]:
+    """Biases and LayerNorm parameters: those the Trainer, and so the reference, does not decay."""
+    norms = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    return norms | {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+
+
+def parameter_norms(model) -> dict[str, float]:
+    """The norm of the decayed weights and of the rest (biases and LayerNorm), in float64: two
+    loops that update alike agree on both, weight decay on the wrong group moves one alone."""
+    skip = no_decay_names(model)
+    squares = {"decay": 0.0, "no_decay": 0.0}
+    for name, parameter in model.named_parameters():
+        norm = torch.linalg.vector_norm(parameter.detach(), dtype=torch.float64)
+        squares["no_decay" if name in skip else "decay"] += float(norm) ** 2
+    return {group: math.sqrt(value) for group, value in squares.items()}
 
 
 def disable_dropout(model) -> list[tuple[str, float]]:
@@ -251,14 +294,14 @@ def configure_trace_run(model_args, data_args, training_args):
 class StepTrace(TrainerCallback):
     """Writes `<output_dir>/trace/`: per optimizer step the batches the model consumed (one
     safetensors file per micro-batch: pixel_values as the model received them, labels), the
-    lines' ids, the loss, label tokens, gradient norm before clipping and learning rate;
-    settings.json when training starts."""
+    lines' ids and texts, the loss, label tokens, gradient norm before clipping, learning rate
+    and parameter norms after the update; settings.json when training starts."""
 
     def __init__(self, output_dir: str, model_args):
         self.trace_dir = Path(output_dir) / TRACE_DIR
         self.model_args = model_args
         self.pending = []  # this step's micro-batches: (pixel_values, labels, rows)
-        self.ids, self.collator, self.hook, self.special_tokens = [], None, None, {}
+        self.ids, self.texts, self.collator, self.hook, self.special_tokens = [], [], None, None, {}
 
     def prepare(self, run, checkpoint) -> None:
         """Before the trainer is built: dropout off, the training rows carried with each batch
@@ -268,7 +311,7 @@ class StepTrace(TrainerCallback):
                              "use a fresh output_dir or --overwrite_output_dir")
         for key, old in disable_dropout(run.model):
             logger.info("Trace mode: dropout off: %s %s -> 0.0", key, old)
-        self.ids, self.collator = run.ids["train"], run.collator
+        self.ids, self.texts, self.collator = run.ids["train"], run.references["train"], run.collator
         tokenizer = run.processor.tokenizer
         self.special_tokens = {
             "decoder_start_token_id": run.model.config.decoder_start_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -296,7 +339,7 @@ class StepTrace(TrainerCallback):
         (self.trace_dir / STEPS).write_text("", encoding="utf-8")
         logger.info("Trace: writing %d steps to %s", state.max_steps, self.trace_dir)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "loss" not in logs or not self.pending:
             return
         from safetensors.torch import save_file
@@ -306,11 +349,13 @@ class StepTrace(TrainerCallback):
             name = f"step_{state.global_step:06d}_{micro_step}.safetensors"
             save_file({"pixel_values": pixels.contiguous(), "labels": labels.contiguous()}, self.trace_dir / name)
             count = int(labels.ne(-100).sum())
-            parts.append({"file": name, "ids": [self.ids[row] for row in rows], "label_tokens": count})
+            parts.append({"file": name, "ids": [self.ids[row] for row in rows], "texts": [self.texts[row] for row in rows],
+                          "label_tokens": count})
             tokens += count
         self.pending = []
         row = {"step": state.global_step, "loss": logs["loss"], "label_tokens": tokens,
-               "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"), "micro_batches": parts}
+               "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+               "param_norms": parameter_norms(model), "micro_batches": parts}
         with (self.trace_dir / STEPS).open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(row) + "\n")
 
@@ -395,75 +440,116 @@ def trace_settings(args, state, model_args, model, optimizer, collator) -> dict:
 # Naming the loss a loop computed: compare_runs.py, when step 1 parts
 
 
+# The label mistakes, each (name, fix); any subset of them is one way of computing the labels.
+BOS_KEPT = ("<s> kept in the labels", "tokenize the labels with add_special_tokens=False and append </s>: no <s> in "
+            f"the labels ({pitfall_doc(2)})")
+PADS_COUNTED = ("pad tokens counted in the loss", "pad the labels with -100, not the pad id, so that padding is no "
+                f"part of the loss ({pitfall_doc(3)})")
+START_BOS = ("decoder started from <s>", "set config.decoder_start_token_id (and the generation config's) to </s>, "
+             f"as the checkpoint was trained ({pitfall_doc(1)})")
+SMOOTHING = 0.1
+SMOOTHED = (f"label smoothing {SMOOTHING:g}", "no label smoothing in a comparison with the reference")
+PAD_WIDTHS = (32, 64, 128)  # the max_length values tutorials pad their labels to, besides the longest line
+REFERENCE = "the reference loss (token sum / label tokens)"
+
+
 def step_loss_variants(trace_dir) -> list[tuple[str, float, str]]:
     """The loss of the trace's first optimizer step, from the starting weights, computed the
-    reference's way and in the common wrong ways: (name, value, fix) each, the reference first."""
+    reference's way and in every combination of the common wrong ways (label mistakes, the
+    reduction, label smoothing): (name, value, fix) each, the reference first, a combination
+    named "a + b + c"."""
     batches = ReferenceBatches(trace_dir)
     settings = batches.settings
-    tokens = settings["special_tokens"]
     model = starting_model(settings)
     model.eval()
     _, micro = next(batches.by_step())
+    longest = getattr(model.config.decoder, "max_position_embeddings", None) or max(PAD_WIDTHS)
     with torch.no_grad():
-        parts = [_batch_losses(model, batch, tokens) for batch in micro]
-    step_tokens = sum(part["tokens"] for part in parts)
-
-    def total(key):
-        return sum(part[key] for part in parts)
-
-    variants = [
-        ("the reference loss (token sum / label tokens)", total("sum") / step_tokens, ""),
-        ("pad tokens counted in the loss", total("padded_sum") / total("padded_tokens"),
-         "pad the labels with -100, not the pad id, so that padding is no part of the loss "
-         f"({pitfall_doc(3)})"),
-        ("<s> kept in the labels", total("bos_sum") / total("bos_tokens"),
-         "tokenize the labels with add_special_tokens=False and append </s>: no <s> in the labels "
-         f"({pitfall_doc(2)})"),
-        ("decoder started from <s>", total("start_bos_sum") / step_tokens,
-         "set config.decoder_start_token_id (and the generation config's) to </s>, as the checkpoint was trained "
-         f"({pitfall_doc(1)})"),
-        ("mean of per-line means", total("line_means") / total("lines"),
-         "divide the token sum by the step's label tokens, not a mean of per-line means"),
-        ("label smoothing 0.1", total("smoothed_sum") / step_tokens,
-         "no label smoothing in a comparison with the reference"),
-        ("sum instead of mean", total("sum"), "divide the summed loss by the step's label tokens"),
-    ]
-    if len(parts) > 1:
-        means = [part["sum"] / part["tokens"] for part in parts]
-        variants += [
-            ("mean of the micro-batch means", sum(means) / len(means),
-             "divide by the label tokens of the whole optimizer step, not by each micro-batch's"),
-            ("micro-batch means summed (not divided by the accumulation steps)", sum(means),
-             "divide by the label tokens of the whole optimizer step"),
-        ]
+        parts = [_token_losses(model, batch, settings["special_tokens"], longest) for batch in micro]
+    variants = []
+    for labels_key, labels_names in _label_ways(parts):
+        for smoothed in (False, True):
+            key = labels_key + (smoothed,)
+            for reduction, value in _reductions([part[key] for part in parts]):
+                names = labels_names + ([SMOOTHED] if smoothed else []) + ([reduction] if reduction else [])
+                variants.append((" + ".join(n for n, _ in names) or REFERENCE, value,
+                                 "; ".join(fix for _, fix in names)))
+    variants.sort(key=lambda variant: variant[0] != REFERENCE)
     return variants
 
 
-def _batch_losses(model, batch, tokens) -> dict:
-    """Summed token losses of one micro-batch for each variant, and their counts."""
-    pixels, labels = batch["pixel_values"], batch["labels"]
-    logits = model(pixel_values=pixels, labels=labels).logits
-    flat = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none"
-    )  # (lines, positions), pads included
-    mask = labels.ne(-100)
-    smoothed = token_loss(logits, labels, 1, label_smoothing=0.1)
-    padded = labels.masked_fill(~mask, tokens["pad_token_id"])
-    padded_loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), padded, reduction="sum")
-    bos_labels = _with_bos(labels, tokens["bos_token_id"])
-    bos_sum = token_loss(model(pixel_values=pixels, labels=bos_labels).logits, bos_labels, 1)
-    start = torch.full_like(labels[:, :1], tokens["bos_token_id"])
-    shifted = labels[:, :-1].masked_fill(labels[:, :-1].eq(-100), tokens["pad_token_id"])
-    decoder_inputs = torch.cat([start, shifted], 1)
-    start_bos = model(pixel_values=pixels, decoder_input_ids=decoder_inputs).logits
-    line_means = (flat * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return {
-        "sum": float((flat * mask).sum()), "tokens": int(mask.sum()), "lines": len(labels),
-        "padded_sum": float(padded_loss), "padded_tokens": labels.numel(),
-        "bos_sum": float(bos_sum), "bos_tokens": int(bos_labels.ne(-100).sum()),
-        "start_bos_sum": float(token_loss(start_bos, labels, 1)),
-        "line_means": float(line_means.sum()), "smoothed_sum": float(smoothed),
-    }
+def _label_ways(parts) -> list[tuple[tuple, list]]:
+    """Each subset of the label mistakes, with the widths a loop counting the pads may pad to:
+    (key into _token_losses' results without the smoothing flag, [(name, fix)])."""
+    ways = []
+    common = set.intersection(*(set(part) for part in parts))  # a pad width wider than every micro-batch
+    for key in [key for key in parts[0] if key in common]:
+        bos, start, width, smoothed = key
+        if smoothed:
+            continue
+        names = [BOS_KEPT] if bos else []
+        if width is not None:
+            padded = "" if width == "longest" else f" (labels padded to {width})"
+            names.append((PADS_COUNTED[0] + padded, PADS_COUNTED[1]))
+        ways.append(((bos, start, width), names + ([START_BOS] if start else [])))
+    return ways
+
+
+def _reductions(parts: list[dict]) -> list[tuple[tuple | None, float]]:
+    """The step's loss from each micro-batch's token sums, counts and line means, reduced the
+    reference's way (None) and the usual other ways: [(name and fix or None, value)]."""
+    total, tokens = sum(p["sum"] for p in parts), sum(p["tokens"] for p in parts)
+    reductions = [
+        (None, total / tokens),
+        (("mean of per-line means", "divide the token sum by the step's label tokens, not a mean of per-line means"),
+         sum(p["line_means"] for p in parts) / sum(p["lines"] for p in parts)),
+        (("sum instead of mean", "divide the summed loss by the step's label tokens"), total),
+    ]
+    if len(parts) > 1:
+        means = [p["sum"] / p["tokens"] for p in parts]
+        reductions += [
+            (("mean of the micro-batch means",
+              "divide by the label tokens of the whole optimizer step, not by each micro-batch's"),
+             sum(means) / len(means)),
+            (("micro-batch means summed (not divided by the accumulation steps)",
+              "divide by the label tokens of the whole optimizer step"), sum(means)),
+        ]
+    return reductions
+
+
+def _token_losses(model, batch, tokens, longest: int) -> dict[tuple, dict]:
+    """One micro-batch's token sum, token count, line count and summed line means for each way
+    of making its labels: {(bos kept, decoder from <s>, pad width or None, smoothed): sums}. The
+    decoder is causal, so one forward at the widest pad width gives every narrower one."""
+    results = {}
+    for bos in (False, True):
+        labels = _with_bos(batch["labels"], tokens["bos_token_id"]) if bos else batch["labels"]
+        real = labels.ne(-100)
+        widths = ["longest"] + [w for w in PAD_WIDTHS if labels.shape[1] < w <= longest]
+        wide = max([labels.shape[1]] + widths[1:])
+        padded = torch.full((len(labels), wide), tokens["pad_token_id"], dtype=torch.long)
+        padded[:, : labels.shape[1]] = labels.masked_fill(~real, tokens["pad_token_id"])
+        real = torch.nn.functional.pad(real, (0, wide - labels.shape[1]), value=False)
+        for start in (False, True):
+            first = tokens["bos_token_id"] if start else tokens["decoder_start_token_id"]
+            inputs = torch.cat([torch.full_like(padded[:, :1], first), padded[:, :-1]], 1)
+            logits = model(pixel_values=batch["pixel_values"], decoder_input_ids=inputs).logits.float().transpose(1, 2)
+            for smoothed in (False, True):
+                losses = torch.nn.functional.cross_entropy(
+                    logits, padded, reduction="none", label_smoothing=SMOOTHING if smoothed else 0.0
+                )
+                for width in [None] + widths:
+                    counted = real if width is None else torch.zeros_like(real)
+                    if width is not None:
+                        counted[:, : labels.shape[1] if width == "longest" else width] = True
+                    results[(bos, start, width, smoothed)] = _sums(losses, counted)
+    return results
+
+
+def _sums(losses: torch.Tensor, counted: torch.Tensor) -> dict:
+    kept = losses * counted
+    return {"sum": float(kept.sum()), "tokens": int(counted.sum()), "lines": len(losses),
+            "line_means": float((kept.sum(1) / counted.sum(1).clamp(min=1)).sum())}
 
 
 def _with_bos(labels, bos_id: int) -> torch.Tensor:

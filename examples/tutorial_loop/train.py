@@ -14,7 +14,7 @@ one line each in the training loop:
     --save_batch PATH       saves the first training batch and the model as set up (in --output_dir),
                             for `python check_loop.py --model OUTPUT_DIR --batch PATH`
     --reference_trace DIR   trains on a reference run's batches and settings (run_trocr.py --trace_steps N
-                            writes DIR) and writes loss_log.jsonl, for `python compare_runs.py REFERENCE OUTPUT_DIR`
+                            writes DIR) and writes step_log.jsonl, for `python compare_runs.py REFERENCE OUTPUT_DIR`
 """
 
 import argparse
@@ -76,8 +76,8 @@ class IAMDataset(Dataset):
         pixel_values = self.processor(image, return_tensors="pt").pixel_values.squeeze()
         return {"pixel_values": pixel_values, "labels": torch.tensor(self.labels(text)), "text": text}
 
-    def labels(self, text, max_length=None):
-        max_length = max_length or self.max_target_length
+    def labels(self, text):
+        max_length = self.max_target_length
         if "bos" in mistakes:
             # MISTAKE bos: the tokenizer's default, <s> text </s>: the model learns to write <s> first.
             labels = self.processor.tokenizer(text, padding="max_length", max_length=max_length, truncation=True)
@@ -176,11 +176,11 @@ def save_batch(batch, path):
 
 
 def replay(trace_dir):
-    """The reference run's optimizer steps, optimizer, schedule and clipping, and a loss log
-    for compare_runs.py. The labels are remade from each line's text (found by the line ids
-    of the batch) by this loop's own label code, so that a label mistake of this loop shows
-    in its loss; the micro-batches of a step (gradient accumulation) are trained as one
-    batch, the same token mean."""
+    """The reference run's optimizer steps, optimizer, schedule and clipping, and a step log
+    for compare_runs.py. The labels are made from each line's text by this loop's own label
+    code and the model keeps this loop's special tokens, so that their mistakes show in its
+    loss; the micro-batches of a step (gradient accumulation) are trained as one batch, the
+    same token mean."""
     from trocr_recipe.steptrace import ReferenceBatches, StepLog
 
     reference = ReferenceBatches(trace_dir)
@@ -192,21 +192,14 @@ def replay(trace_dir):
     scheduler = get_scheduler(schedule["name"], optimizer, schedule["warmup_steps"], schedule["total_steps"],
                               scheduler_specific_kwargs=schedule["kwargs"])
 
-    text_of_line = dict(zip(dataset["train"]["id"], dataset["train"]["text"]))
-
-    def relabel(batch):
-        texts = [text_of_line[line] for line in batch.ids]
-        width = batch["labels"].shape[1] + ("bos" in mistakes)
-        return texts, [torch.tensor(train_dataset.labels(text, width)) for text in texts]
-
     def steps():
         for _, micro_batches in reference.by_step():
-            texts, labels = zip(*map(relabel, micro_batches))
+            texts = [text for batch in micro_batches for text in batch.texts]
             yield {"pixel_values": torch.cat([batch["pixel_values"] for batch in micro_batches]),
-                   "labels": torch.nn.utils.rnn.pad_sequence(sum(labels, []), batch_first=True, padding_value=-100),
-                   "text": sum(texts, [])}
+                   "labels": torch.tensor([train_dataset.labels(text) for text in texts]), "text": texts}
 
-    return steps(), optimizer, scheduler, settings["max_grad_norm"], settings["steps"], StepLog(args.output_dir)
+    step_log = StepLog(args.output_dir, model=model)
+    return steps(), optimizer, scheduler, settings["max_grad_norm"], settings["steps"], step_log
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +241,7 @@ for epoch in range(args.epochs):
         break
 
 if args.reference_trace:
-    print(f"wrote {step} steps to {Path(args.output_dir) / 'loss_log.jsonl'}")
+    print(f"wrote {step} steps to {step_log.path}")
 else:
     print(f"test CER {cer(model, test_dataloader, generate_step):.2f}")
     model.save_pretrained(args.output_dir)
