@@ -19,7 +19,8 @@ from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.steptrace import configure_trace_run
-from trocr_recipe.trainer import BaselineScore, OcrTrainer, restore_starting_model
+from trocr_recipe.never_worse import BASELINE, TRAINED, decide, metric_name
+from trocr_recipe.trainer import BaselineScore, OcrTrainer
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -74,6 +75,25 @@ def evaluate_split(trainer, metrics, split, references, prefix):
     metrics.references = references
     output = trainer.predict(split, metric_key_prefix=prefix)
     return output.metrics, metrics.predictions
+
+
+def keep_never_worse(trainer, metrics, model_args, validation, references, results) -> dict:
+    """The final model (the best checkpoint with load_best_model_at_end, else the last) kept
+    only if it scores better than the starting model on the configured metric (scored now if
+    no evaluation saw it), else the starting model restored (trocr_recipe/never_worse.py)."""
+    args, state, metric = trainer.args, trainer.state, metric_name(trainer.args)
+    if f"{BASELINE}_{metric}" not in results:  # no baseline without do_eval
+        return {}
+    last = next((row for row in reversed(state.log_history) if f"eval_{metric}" in row), {})
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        trained, source = state.best_metric, f"best checkpoint {state.best_model_checkpoint}"
+    elif last.get("step") == state.global_step:
+        trained, source = last[f"eval_{metric}"], "last evaluation"
+    else:
+        scores, _ = evaluate_split(trainer, metrics, validation, references, TRAINED)
+        trained, source = scores[f"{TRAINED}_{metric}"], "final model scored"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return decide(model, model_args, args, trained, results[f"{BASELINE}_{metric}"], source)
 
 
 def main(argv=None):
@@ -143,12 +163,8 @@ def main(argv=None):
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         results.update({**baseline.metrics, **train_result.metrics})
-        best = trainer.state.best_metric
-        if "baseline_cer" in results and (best is None or best >= results["baseline_cer"]):
-            restore_starting_model(
-                trainer.accelerator.unwrap_model(trainer.model), model_args, "cer", best, results["baseline_cer"]
-            )
-            results["kept_starting_model"] = True
+        results.update(keep_never_worse(trainer, metrics, model_args, inputs["validation"], references["validation"],
+                                        results))
         trainer.save_model()
         trainer.save_state()
         if trainer.is_world_process_zero():

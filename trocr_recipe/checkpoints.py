@@ -1,4 +1,5 @@
-"""Which checkpoint to resume from: the last COMPLETE `checkpoint-N` of an output folder.
+"""Which checkpoint to resume from: the last COMPLETE `checkpoint-N` of an output folder;
+and how a checkpoint's weights load into a model in place (`load_checkpoint_weights`).
 
 A run killed while saving leaves a `checkpoint-N` folder with only some of its files.
 Trainer's `get_last_checkpoint` looks at folder names only and would resume from it. A
@@ -49,6 +50,18 @@ RESUME_KEYS = (
     "label_smoothing_factor", "per_device_train_batch_size", "gradient_accumulation_steps",
     "train_sampling_strategy", "fp16", "bf16",
 )
+
+
+def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
+    """Load a saved checkpoint's weights into `model` in place, strictly.
+
+    transformers 5 saves the ViT encoder layers' weights under their legacy names and renames
+    them only inside `from_pretrained`; Trainer's resume and load-best paths call
+    `load_state_dict` on the raw file, which leaves the encoder layers untouched (each of
+    their keys 'missing' and 'unexpected'; the embeddings and final layernorm load).
+    Going through `from_pretrained` applies the renaming."""
+    loaded = type(model).from_pretrained(checkpoint, **from_pretrained_kwargs)
+    model.load_state_dict(loaded.state_dict(), strict=True)
 
 
 def checkpoint_step(path) -> int | None:

@@ -9,37 +9,13 @@ import os
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .checkpoints import load_checkpoint_weights
 from .generation import generating_per_line
 from .modeling import token_loss
 
 logger = logging.getLogger("trocr_recipe")
 
 BASELINE = "baseline"  # metric prefix of the starting model's scores
-
-
-def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
-    """Load a saved checkpoint's weights into `model` in place, strictly.
-
-    transformers 5 saves the ViT encoder layers' weights under their legacy names and renames
-    them only inside `from_pretrained`; Trainer's resume and load-best paths call
-    `load_state_dict` on the raw file, which leaves the encoder layers untouched (each of
-    their keys 'missing' and 'unexpected'; the embeddings and final layernorm load).
-    Going through `from_pretrained` applies the renaming."""
-    loaded = type(model).from_pretrained(checkpoint, **from_pretrained_kwargs)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-
-
-def restore_starting_model(model, model_args, metric: str, best, baseline: float) -> None:
-    """Training never beat the baseline: the run keeps the checkpoint it started from,
-    and says so loudly."""
-    logger.warning(
-        "\n%s\nTRAINING NEVER BEAT THE BASELINE (best validation %s %s, baseline %.2f):\n"
-        "the saved model is the starting checkpoint %s, not a trained one.\n%s",
-        "!" * 78, metric.upper(), best, baseline, model_args.model_name_or_path, "!" * 78,
-    )
-    load_checkpoint_weights(
-        model, model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir
-    )
 
 
 def step_token_loss(label_smoothing: float = 0.0):
