@@ -20,6 +20,7 @@ from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.steptrace import configure_trace_run
 from trocr_recipe.never_worse import BASELINE, TRAINED, decide, metric_name
+from trocr_recipe.trainable import set_trainable
 from trocr_recipe.trainer import BaselineScore, OcrTrainer
 
 logger = logging.getLogger("trocr_recipe")
@@ -119,6 +120,8 @@ def main(argv=None):
     if trace:
         trace.prepare(run, checkpoint)
     model, processor, inputs, references = run.model, run.processor, run.inputs, run.references
+    # `trainable`: the parameters that do not train are frozen before the trainer builds its optimizer.
+    trainable = set_trainable(model, model_args.trainable) if training_args.do_train else {}
 
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
     metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])
@@ -137,7 +140,7 @@ def main(argv=None):
             trainer.add_callback(every(console_logging_steps))
     if data_args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
-    results = run.data_results()  # truncated labels and skipped lines per split
+    results = {**run.data_results(), **trainable}  # truncated labels and skipped lines per split
 
     # 3. Baseline: the starting model on validation (and test, with baseline_test), before any
     #    update; when training, as train() begins, once the model is wrapped for DDP (BaselineScore).

@@ -41,6 +41,7 @@ from trocr_recipe.modeling import token_loss
 from trocr_recipe.never_worse import BASELINE, TRAINED, decide, is_better, metric_name
 from trocr_recipe.outputs import JsonlLog, LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
+from trocr_recipe.trainable import set_trainable
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -66,13 +67,15 @@ def main(argv=None):
     # accelerate prepares a model once only. Generation uses the unwrapped model.
     accelerator = loop_setup.make_accelerator(args)
     loaders = loop_setup.make_dataloaders(accelerator, args, run.inputs, run.collator)
+    results = run.data_results()  # truncated labels and skipped lines per split
     if args.do_train:
+        # `trainable`: what does not train is frozen before the optimizer takes what trains.
+        results.update(set_trainable(model, model_args.trainable))
         optimizer = create_optimizer(model, args)  # from the unwrapped model's named parameters
         model, optimizer = accelerator.prepare(model, optimizer)
         register_checkpoint_hooks(accelerator, model)  # checkpoints written by save_pretrained
     else:
         model = accelerator.prepare_model(model, evaluation_mode=True)
-    results = run.data_results()  # truncated labels and skipped lines per split
     validate = partial(score, accelerator, model, loaders["validation"], processor.tokenizer, args,
                        run.references["validation"])
 

@@ -3,10 +3,20 @@ loops the same steps, the never-worse decision on the configured metric, and the
 methods of docs/custom_loop.md applied to a copy of the script and run."""
 
 import os
+import re
 import subprocess
 import sys
 
+import pytest
+import torch
+from transformers import VisionEncoderDecoderModel
+
+import run_trocr
+import run_trocr_no_trainer
 from conftest import ROOT
+from test_no_trainer import one_thread  # noqa: F401 (autouse: one thread per run, as there)
+from trocr_recipe.outputs import read_jsonl
+from trocr_recipe.trainable import set_trainable
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TRAINER_MODULES = ("transformers.trainer", "transformers.trainer_seq2seq", "trocr_recipe.trainer")
@@ -24,3 +34,52 @@ def test_the_plain_loop_imports_nothing_of_the_trainer(tiny_args):
     assert "run_trocr_no_trainer" in loaded  # the list is of the run's modules
     for name in TRAINER_MODULES:
         assert f"'{name}'" not in loaded, name
+
+
+# The last encoder layer and the decoder's layers of the tiny model (one layer each), as a
+# researcher freezes TrOCR: the rest frozen, weight decay on to show a frozen tensor that moves.
+TRAINABLE = ["--trainable", "encoder.layers.0.*", "decoder.model.decoder.layers.*"]
+TRAINED_ONLY = ["--max_steps", "6", "--learning_rate", "1e-3", "--weight_decay", "0.1", "--max_grad_norm", "0.5",
+                "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2", "--do_eval", "false",
+                "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_strategy", "no",
+                "--do_predict", "false"]
+
+
+def test_trainable_gives_both_loops_the_same_steps_and_logs_its_counts(tiny_args, tiny_model, tmp_path, caplog):
+    runs = {}
+    for script in (run_trocr, run_trocr_no_trainer):
+        out = tmp_path / script.__name__
+        caplog.clear()
+        results = script.main(tiny_args + TRAINABLE + TRAINED_ONLY + ["--output_dir", str(out)])
+        runs[script] = out, results
+        assert re.search(r"trainable encoder.layers.0.\* decoder.model.decoder.layers.\*: (\d+) parameters train "
+                         r"\(\d+\.\d%\), (\d+) frozen", caplog.text)
+    (reference, results_a), (custom, results_b) = runs.values()
+    rows_a, rows_b = read_jsonl(reference / "loss_log.jsonl"), read_jsonl(custom / "loss_log.jsonl")
+    assert [row["step"] for row in rows_b] == list(range(1, 7))
+    assert max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(rows_a, rows_b)) <= 1e-5
+    start = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    total = sum(p.numel() for p in start.parameters())
+    counted = {key: results_b[key] for key in ("trainable_parameters", "frozen_parameters")}
+    assert counted == {key: results_a[key] for key in counted} and sum(counted.values()) == total
+    assert 0 < counted["trainable_parameters"] < total
+
+    # The frozen parameters are the starting ones, the trainable ones moved, in both loops.
+    for out in (reference, custom):
+        trained = VisionEncoderDecoderModel.from_pretrained(out)
+        frozen, moved = [], []
+        for (name, before), after in zip(start.named_parameters(), trained.parameters()):
+            chosen = name.startswith(("encoder.layers.0.", "decoder.model.decoder.layers."))
+            (moved if chosen else frozen).append((name, torch.equal(before, after)))
+        assert all(same for _, same in frozen) and not any(same for _, same in moved)
+        assert sum(p.numel() for n, p in start.named_parameters() if n in dict(moved)) == \
+            counted["trainable_parameters"]
+
+
+def test_a_trainable_pattern_that_matches_nothing_names_the_layers(tiny_model):
+    model = VisionEncoderDecoderModel.from_pretrained(tiny_model)
+    with pytest.raises(SystemExit, match=r"trainable: 'encoder.encoder.layer.11.\*' matches no parameter name.*"
+                                         r"'encoder.layers.0.\*' and 'decoder.model.decoder.layers.0.\*'"):
+        set_trainable(model, ["decoder", "encoder.encoder.layer.11.*"])
+    assert set_trainable(model, ["decoder"])["frozen_parameters"] == sum(
+        p.numel() for name, p in model.named_parameters() if name.startswith("encoder."))

@@ -39,6 +39,14 @@ class ModelArguments:
             "transformers' own classes load and a checkpoint that needs its own code stops the run."
         },
     )
+    trainable: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={
+            "help": "Which parameters train, the others frozen: all, encoder, decoder, or shell-style patterns on "
+            "the parameter names, e.g. 'encoder.layers.11.*' 'decoder.model.decoder.layers.[45].*' (a recipe "
+            "gives a list). The counts of trainable and frozen parameters are logged and in all_results.json."
+        },
+    )
     allow_pickle_weights: bool = field(
         default=False,
         metadata={
