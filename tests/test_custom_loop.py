@@ -2,10 +2,12 @@
 loops the same steps, the never-worse decision on the configured metric, and the worked
 methods of docs/custom_loop.md applied to a copy of the script and run."""
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +85,42 @@ def test_a_trainable_pattern_that_matches_nothing_names_the_layers(tiny_model):
         set_trainable(model, ["decoder", "encoder.encoder.layer.11.*"])
     assert set_trainable(model, ["decoder"])["frozen_parameters"] == sum(
         p.numel() for name, p in model.named_parameters() if name.startswith("encoder."))
+
+
+@pytest.mark.parametrize("script", [run_trocr, run_trocr_no_trainer], ids=["trainer", "no_trainer"])
+def test_no_evaluation_during_training_scores_the_trained_model_before_deciding(script, tiny_args, tiny_model,
+                                                                                caplog):
+    """eval_strategy no with evaluation on: the final model is scored, found better than the
+    start, and kept (it was thrown away unseen before)."""
+    results = script.main(tiny_args + ["--learning_rate", "2e-2", "--eval_strategy", "no", "--save_strategy", "no",
+                                       "--load_best_model_at_end", "false", "--do_predict", "false"])
+    assert results["final_model"] == "trained" and "kept_starting_model" not in results
+    assert results["final_model_metric"] == "cer"
+    assert results["final_model_trained_cer"] == results["eval_cer"] < results["final_model_baseline_cer"] == \
+        results["baseline_cer"]
+    assert f"keeping the trained model (validation CER {results['eval_cer']:.2f}, final model scored; the starting " \
+           f"model's {results['baseline_cer']:.2f})" in caplog.text
+    saved = json.loads((Path(tiny_args[-1]) / "all_results.json").read_text())
+    assert saved["final_model"] == "trained" and saved["final_model_trained_cer"] == results["eval_cer"]
+    trained = VisionEncoderDecoderModel.from_pretrained(tiny_args[-1]).state_dict()
+    start = VisionEncoderDecoderModel.from_pretrained(tiny_model).state_dict()
+    assert any(not torch.equal(tensor, start[name]) for name, tensor in trained.items())
+
+
+@pytest.mark.parametrize("script", [run_trocr, run_trocr_no_trainer], ids=["trainer", "no_trainer"])
+def test_metric_for_best_model_wer_compares_wer_with_the_wer_baseline(script, tiny_args, tiny_model):
+    results = script.main(tiny_args + ["--learning_rate", "2e-2", "--metric_for_best_model", "wer",
+                                       "--do_predict", "false"])
+    assert results["final_model_metric"] == "wer" and "final_model_baseline_cer" not in results
+    assert results["final_model_baseline_wer"] == results["baseline_wer"]
+    evaluations = [row for row in read_jsonl(Path(tiny_args[-1]) / "eval_log.jsonl")] if script is \
+        run_trocr_no_trainer else [row for row in json.loads((Path(tiny_args[-1]) / "trainer_state.json").read_text())
+                                   ["log_history"] if "eval_wer" in row]
+    assert results["final_model_trained_wer"] == min(row["eval_wer"] for row in evaluations)  # the best checkpoint
+    kept_start = results["final_model_trained_wer"] >= results["baseline_wer"]
+    assert results["final_model"] == ("starting" if kept_start else "trained")
+    assert results.get("kept_starting_model", False) is kept_start
+    if kept_start:
+        saved = VisionEncoderDecoderModel.from_pretrained(tiny_args[-1]).state_dict()
+        start = VisionEncoderDecoderModel.from_pretrained(tiny_model).state_dict()
+        assert all(torch.equal(tensor, start[name]) for name, tensor in saved.items())
