@@ -62,6 +62,7 @@ def main(argv=None):
         return report
     model, processor = run.model, run.processor
     loop_setup.configure_like_trainer(model, args)
+    method = model_args.method or {}  # the recipe's free-form `method` object, for a method of your own
 
     # 3. Accelerator, data loaders, optimizer. The model is wrapped in DDP before the baseline:
     # accelerate prepares a model once only. Generation uses the unwrapped model.
@@ -71,7 +72,7 @@ def main(argv=None):
     if args.do_train:
         # `trainable`: what does not train is frozen before the optimizer takes what trains.
         results.update(set_trainable(model, model_args.trainable))
-        optimizer = create_optimizer(model, args)  # from the unwrapped model's named parameters
+        optimizer = create_optimizer(model, args, method)  # from the unwrapped model's named parameters
         model, optimizer = accelerator.prepare(model, optimizer)
         register_checkpoint_hooks(accelerator, model)  # checkpoints written by save_pretrained
     else:
@@ -95,8 +96,8 @@ def main(argv=None):
     # 5. Train; the final model is the best checkpoint, never one worse than the starting model.
     if args.do_train:
         loop_setup.before_training(accelerator, args, model, processor, results)
-        state, last_scores, train_results = train(accelerator, args, model, optimizer, loaders["train"], processor,
-                                                  validate, checkpoint, data_args.early_stopping_patience)
+        state, last_scores, train_results = train(accelerator, args, method, model, optimizer, loaders["train"],
+                                                  processor, validate, checkpoint, data_args.early_stopping_patience)
         results.update(train_results)
         results.update(keep_never_worse(accelerator, args, model_args, model, state, last_scores, validate, results))
         save(accelerator, args, model, processor, results)
@@ -123,9 +124,10 @@ def main(argv=None):
 # --------------------------------------------------------------------------------------
 # The optimizer, as Trainer.create_optimizer builds it.
 # --------------------------------------------------------------------------------------
-def create_optimizer(model, args):
+def create_optimizer(model, args, method):
     """AdamW over the parameters that train (requires_grad); no weight decay on LayerNorm
-    weights and on any parameter whose name says bias or norm (Trainer.get_decay_parameter_names)."""
+    weights and on any parameter whose name says bias or norm (Trainer.get_decay_parameter_names).
+    `method`: the recipe's `method` object, for parameter groups of your own."""
     forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], forbidden))
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -141,7 +143,7 @@ def create_optimizer(model, args):
 # --------------------------------------------------------------------------------------
 # Training.
 # --------------------------------------------------------------------------------------
-def train(accelerator, args, model, optimizer, train_loader, processor, validate, checkpoint, patience):
+def train(accelerator, args, method, model, optimizer, train_loader, processor, validate, checkpoint, patience):
     """Optimizer steps to max_steps (or num_train_epochs), from where `checkpoint` stopped,
     evaluating and saving when the Trainer would. Returns the state, the last validation
     scores and the training results (train_loss, ...)."""
@@ -205,7 +207,7 @@ def train(accelerator, args, model, optimizer, train_loader, processor, validate
             resume.sync_random_states()  # once, on the first step after a resume mid-epoch
 
             # The step: forward and backward over the micro-batches, clipping, the update.
-            tr_loss = training_step(accelerator, args, model, micro_batches, num_items, tr_loss)
+            tr_loss, terms = training_step(accelerator, args, method, model, micro_batches, num_items, tr_loss)
             grad_norm, learning_rate = optimizer_step(accelerator, args, model, optimizer, scheduler)
             state.global_step += 1
             batches_done += len(micro_batches)
@@ -215,7 +217,7 @@ def train(accelerator, args, model, optimizer, train_loader, processor, validate
             step_loss = accelerator.gather(tr_loss.reshape(1)).mean().item()
             tr_loss -= tr_loss  # zeroed in place, as the Trainer does
             total_loss += step_loss
-            log_step(accelerator, loss_log, state, step_loss, learning_rate, grad_norm)
+            log_step(accelerator, loss_log, state, step_loss, learning_rate, grad_norm, terms)
 
             # Trainer's DefaultFlowCallback: evaluate every eval_steps, save every save_steps,
             # both at the last step; EarlyStoppingCallback.
@@ -247,30 +249,36 @@ def count_label_tokens(accelerator, args, micro_batches) -> torch.Tensor:
     return num_items.to(accelerator.device)
 
 
-def compute_loss(model, batch, num_items):
-    """The loss of one micro-batch: the place for a method of your own."""
+def compute_loss(model, batch, num_items, method):
+    """The loss of one micro-batch, and the terms to log beside it: the place for a method of
+    your own, weighted by the recipe's `method` object (docs/custom_loop.md)."""
     # ---- Your method: the model call and the loss. ------------------------------------
     outputs = model(**batch)  # labels in: the model builds the decoder inputs from them
     # Trainer: cross-entropy summed over the label tokens and divided by `num_items`, the
     # label tokens of the whole optimizer step (all micro-batches, all processes), not a mean
     # of per-batch means.
-    return token_loss(outputs.logits, batch["labels"], num_items)
+    loss = token_loss(outputs.logits, batch["labels"], num_items)
+    terms = {}  # name -> a term of this micro-batch (divided by num_items too), logged in loss_log.jsonl
+    return loss, terms
 
 
-def training_step(accelerator, args, model, micro_batches, num_items, tr_loss):
+def training_step(accelerator, args, method, model, micro_batches, num_items, tr_loss):
     """Forward and backward over the micro-batches of one optimizer step; returns `tr_loss`
-    with the step's loss added, as the Trainer accumulates it."""
+    with the step's loss added, as the Trainer accumulates it, and the step's terms summed."""
+    step_terms = {}
     for index, batch in enumerate(micro_batches):
         # Gradients are all-reduced on the last micro-batch of the step only.
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             model.train()
-            loss = compute_loss(model, batch, num_items)
+            loss, terms = compute_loss(model, batch, num_items, method)
             if args.average_tokens_across_devices:
                 # num_items counts every process's tokens and DDP averages gradients.
                 loss = loss * accelerator.num_processes
             accelerator.backward(loss)
         loss = loss.detach()
+        for name, term in terms.items():
+            step_terms[name] = step_terms.get(name, 0.0) + term.detach()
         if args.logging_nan_inf_filter and not torch.isfinite(loss):
             # Trainer: a nan/inf loss is logged as the mean of those since the last log,
             # tr_loss / (1 + global_step - last_logged_step), which is tr_loss here (a log
@@ -278,7 +286,7 @@ def training_step(accelerator, args, model, micro_batches, num_items, tr_loss):
             tr_loss += tr_loss
         else:
             tr_loss += loss
-    return tr_loss
+    return tr_loss, step_terms
 
 
 def optimizer_step(accelerator, args, model, optimizer, scheduler):
@@ -299,11 +307,14 @@ def optimizer_step(accelerator, args, model, optimizer, scheduler):
     return grad_norm, learning_rate
 
 
-def log_step(accelerator, loss_log, state, loss: float, learning_rate: float, grad_norm) -> None:
-    """The step's loss and learning rate: loss_log.jsonl (main process) and TensorBoard."""
+def log_step(accelerator, loss_log, state, loss: float, learning_rate: float, grad_norm, terms: dict) -> None:
+    """The step's loss, learning rate and the terms of a method (each averaged over processes):
+    loss_log.jsonl (main process) and TensorBoard."""
+    terms = {name: accelerator.gather(term.reshape(1)).mean().item() for name, term in terms.items()}
     if accelerator.is_main_process:
-        loss_log.append(state.global_step, loss, learning_rate, state.epoch)
-    logs = {"train/loss": loss, "train/learning_rate": learning_rate, "train/epoch": state.epoch}
+        loss_log.append(state.global_step, loss, learning_rate, state.epoch, **terms)
+    logs = {"train/loss": loss, "train/learning_rate": learning_rate, "train/epoch": state.epoch,
+            **{f"train/{name}": value for name, value in terms.items()}}
     if grad_norm is not None:
         logs["train/grad_norm"] = float(grad_norm)
     accelerator.log(logs, step=state.global_step)

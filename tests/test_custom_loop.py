@@ -124,3 +124,73 @@ def test_metric_for_best_model_wer_compares_wer_with_the_wer_baseline(script, ti
         saved = VisionEncoderDecoderModel.from_pretrained(tiny_args[-1]).state_dict()
         start = VisionEncoderDecoderModel.from_pretrained(tiny_model).state_dict()
         assert all(torch.equal(tensor, start[name]) for name, tensor in saved.items())
+
+
+def worked_methods() -> list[str]:
+    """The diffs of docs/custom_loop.md's worked methods, in order."""
+    text = (ROOT / "docs" / "custom_loop.md").read_text(encoding="utf-8")
+    return re.findall(r"```diff\n(.*?)```", text, flags=re.DOTALL)
+
+
+def run_with_method(tmp_path, diff: str, tiny_args, method: dict):
+    """The docs' diff applied to a copy of run_trocr_no_trainer.py, run a few steps."""
+    folder = tmp_path / "method"
+    folder.mkdir()
+    (folder / "run_trocr_no_trainer.py").write_text((ROOT / "run_trocr_no_trainer.py").read_text())
+    (folder / "method.diff").write_text(diff)
+    applied = subprocess.run(["git", "apply", "method.diff"], cwd=folder, capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    output_dir = tmp_path / "with_method"
+    command = [sys.executable, str(folder / "run_trocr_no_trainer.py"), *tiny_args[:-1], str(output_dir),
+               *METHOD_STEPS, "--method", json.dumps(method)]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output_dir
+
+
+METHOD_STEPS = ["--max_steps", "3", "--learning_rate", "1e-3", "--do_eval", "false", "--eval_strategy", "no",
+                "--load_best_model_at_end", "false", "--save_strategy", "no", "--do_predict", "false"]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_data, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "run"
+    run_trocr_no_trainer.main([str(ROOT / "recipes" / "tiny.json"), "--model_name_or_path", str(tiny_model),
+                               "--dataset_name", str(tiny_data), "--output_dir", str(out), *METHOD_STEPS])
+    return out
+
+
+def test_worked_method_an_extra_loss_term_logged_beside_the_loss(plain_run, tiny_args, tmp_path):
+    diffs = worked_methods()
+    assert len(diffs) == 2 and "run_trocr_no_trainer.py" in diffs[0]
+    out = run_with_method(tmp_path, diffs[0], tiny_args, {"entropy_weight": 0.5})
+    rows, plain = read_jsonl(out / "loss_log.jsonl"), read_jsonl(plain_run / "loss_log.jsonl")
+    assert [set(row) for row in rows] == [{"step", "loss", "learning_rate", "epoch", "confidence_penalty"}] * 3
+    assert all(row["confidence_penalty"] < 0 for row in rows)  # minus an entropy
+    # Step 1, the same weights and batch: the plain loss plus the weighted term; the term's
+    # gradient moved the weights elsewhere than the plain loop's.
+    assert rows[0]["loss"] == pytest.approx(plain[0]["loss"] + 0.5 * rows[0]["confidence_penalty"], rel=1e-5)
+    with_term = VisionEncoderDecoderModel.from_pretrained(out).state_dict()
+    without = VisionEncoderDecoderModel.from_pretrained(plain_run).state_dict()
+    assert any(not torch.equal(tensor, without[name]) for name, tensor in with_term.items())
+
+
+def test_worked_method_a_layer_wise_learning_rate(plain_run, tiny_args, tiny_model, tmp_path):
+    out = run_with_method(tmp_path, worked_methods()[1], tiny_args, {"encoder_lr_scale": 0.0})
+    rows, plain = read_jsonl(out / "loss_log.jsonl"), read_jsonl(plain_run / "loss_log.jsonl")
+    assert rows[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert [row["learning_rate"] for row in rows] == [row["learning_rate"] for row in plain]  # the decoder's
+    start = VisionEncoderDecoderModel.from_pretrained(tiny_model).state_dict()
+    trained = VisionEncoderDecoderModel.from_pretrained(out).state_dict()
+    unchanged = {name for name, tensor in trained.items() if torch.equal(tensor, start[name])}
+    assert {name for name in trained if name.startswith("encoder.")} <= unchanged  # a rate of 0 x 1e-3
+    assert any(name.startswith("decoder.") and name not in unchanged for name in trained)
+
+
+def test_method_is_a_json_object_and_only_the_plain_loop_reads_it(tiny_args):
+    with pytest.raises(SystemExit, match=r"method '\{\"entropy_weight\": ': not valid JSON"):
+        run_trocr_no_trainer.main(tiny_args + ["--method", '{"entropy_weight": '])
+    with pytest.raises(SystemExit, match=r"method \[0.1\]: a JSON object"):
+        run_trocr_no_trainer.main(tiny_args + ["--method", "[0.1]"])
+    with pytest.raises(SystemExit, match="method: run_trocr.py does not read it"):
+        run_trocr.main(tiny_args + ["--method", '{"entropy_weight": 0.1}'])

@@ -47,6 +47,14 @@ class ModelArguments:
             "gives a list). The counts of trainable and frozen parameters are logged and in all_results.json."
         },
     )
+    method: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "A free-form JSON object for a method of your own, e.g. {\"entropy_weight\": 0.1}: "
+            "run_trocr_no_trainer.py hands it to compute_loss and create_optimizer unread "
+            "(docs/custom_loop.md); run_trocr.py refuses it."
+        },
+    )
     allow_pickle_weights: bool = field(
         default=False,
         metadata={
@@ -54,6 +62,16 @@ class ModelArguments:
             "by default only model.safetensors is read and a checkpoint without it stops the run."
         },
     )
+
+    def __post_init__(self):
+        if isinstance(self.method, str):  # from the command line: JSON text
+            try:
+                self.method = json.loads(self.method)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"method {self.method!r}: not valid JSON ({error.msg}); give an object such as "
+                                 '\'{"entropy_weight": 0.1}\'') from None
+        if self.method is not None and not isinstance(self.method, dict):
+            raise ValueError(f"method {json.dumps(self.method)}: a JSON object of names to values")
 
 
 @dataclass

@@ -41,7 +41,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # lines and what shapes an update. How long to train (max_steps, num_train_epochs) may
 # change, to extend a run, and so may evaluation, saving, logging and hardware.
 RESUME_KEYS = (
-    "model_name_or_path", "processor_name_or_path", "model_revision", "trainable",
+    "model_name_or_path", "processor_name_or_path", "model_revision", "trainable", "method",
     "dataset_name", "dataset_config_name", "image_column", "text_column", "train_split", "max_train_samples",
     "max_target_length", "augment", "on_undecodable_image", "on_bad_image_size", "on_empty_text",
     "on_unknown_tokens", "on_label_too_long", "max_image_side", "max_aspect_ratio",
