@@ -99,7 +99,7 @@ def keep_never_worse(trainer, metrics, model_args, validation, references, resul
 
 def main(argv=None):
     # 1. Arguments: recipe JSON as defaults, flags override, unknown keys are errors.
-    model_args, data_args, training_args = parse_recipe(argv)
+    model_args, data_args, training_args = parse_recipe(argv, __doc__)
     if model_args.method is not None:
         raise SystemExit("method: run_trocr.py does not read it; it is handed to run_trocr_no_trainer.py's "
                          "compute_loss and create_optimizer (docs/custom_loop.md): run that script, or drop the key")

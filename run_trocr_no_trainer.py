@@ -50,7 +50,7 @@ EVAL_LOG = "eval_log.jsonl"
 
 def main(argv=None):
     # 1. Arguments: the same recipe files and flags as run_trocr.py.
-    model_args, data_args, args = parse_recipe(argv)
+    model_args, data_args, args = parse_recipe(argv, __doc__)
     args.logging_steps = 1  # as run_trocr.py: one loss row per optimizer step
     loop_setup.check_supported(args)
     setup_logging(args)
