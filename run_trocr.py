@@ -44,8 +44,8 @@ class LossLogCallback(TrainerCallback):
 class _PrintEvery:
     """The trainer's console output of the training logs (its progress bar's or its
     printer's) every `logging_steps` of the recipe, while the trainer logs every step for
-    loss_log.jsonl and TensorBoard: a dict printed at every step floods the console (and
-    costs 0.2 ms a step, benchmarks/bench_train.py). Other logs (evaluation) always print."""
+    loss_log.jsonl and TensorBoard: a dict printed at every step floods the console and costs
+    time (docs/speed.md). Other logs (evaluation) always print."""
 
     def __init__(self, logging_steps: float):
         super().__init__()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What each pitfall does: "the loss goes down, the CER goes up", reproduced and explained.
 
-    make demo && python experiments/pitfalls.py            # about 2.5 minutes on a 2-core CPU
+    make demo && python experiments/pitfalls.py            # its time and table: docs/pitfalls.md
 
 The researcher's situation: a converged checkpoint (the demo's stage-1 model, runs/demo,
 trained on five synthetic hands) fine-tuned on a hand it has never seen (data/newhand), for

@@ -153,7 +153,7 @@ class OcrTrainer(Seq2SeqTrainer):
 
     def floating_point_ops(self, inputs):
         """The total_flos statistic with the parameters counted once: the stock method walks
-        every module at every step (about 1 ms for TrOCR-small), which the plain loop does not."""
+        every module at every step (its cost: docs/speed.md), which the plain loop does not."""
         if self._parameter_count is None:
             self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
         # Pixels as the model sees them: three channels, also for a one-channel uint8 batch.
