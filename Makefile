@@ -70,7 +70,7 @@ test-latest:
 lock:
 	@test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv)
 	printf 'torch\n' > .lock-excludes.txt
-	.venv-lock/bin/uv pip compile requirements.txt -c requirements.lock.in --excludes .lock-excludes.txt \
+	.venv-lock/bin/uv pip compile requirements.txt -c requirements.lock.in --excludes .lock-excludes.txt --upgrade \
 		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
 	rm -f .lock-excludes.txt
 

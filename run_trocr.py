@@ -21,7 +21,9 @@ from trocr_recipe.metrics import GeneratedTextMetrics
 from trocr_recipe.outputs import LossLog, finish_run, write_training_curves
 from trocr_recipe.pipeline import RESULT_PREFIX, setup_logging, start_run
 from trocr_recipe.steptrace import configure_trace_run
-from trocr_recipe.trainer import BaselineScore, OcrTrainer, restore_starting_model
+from trocr_recipe.never_worse import BASELINE, TRAINED, decide, metric_name
+from trocr_recipe.trainable import set_trainable
+from trocr_recipe.trainer import BaselineScore, OcrTrainer
 
 logger = logging.getLogger("trocr_recipe")
 
@@ -44,8 +46,8 @@ class LossLogCallback(TrainerCallback):
 class _PrintEvery:
     """The trainer's console output of the training logs (its progress bar's or its
     printer's) every `logging_steps` of the recipe, while the trainer logs every step for
-    loss_log.jsonl and TensorBoard: a dict printed at every step floods the console (and
-    costs 0.2 ms a step, benchmarks/bench_train.py). Other logs (evaluation) always print."""
+    loss_log.jsonl and TensorBoard: a dict printed at every step floods the console and costs
+    time (docs/speed.md). Other logs (evaluation) always print."""
 
     def __init__(self, logging_steps: float):
         super().__init__()
@@ -78,9 +80,31 @@ def evaluate_split(trainer, metrics, split, references, prefix):
     return output.metrics, metrics.predictions
 
 
+def keep_never_worse(trainer, metrics, model_args, validation, references, results) -> dict:
+    """The final model (the best checkpoint with load_best_model_at_end, else the last) kept
+    only if it scores better than the starting model on the configured metric (scored now if
+    no evaluation saw it), else the starting model restored (trocr_recipe/never_worse.py)."""
+    args, state, metric = trainer.args, trainer.state, metric_name(trainer.args)
+    if f"{BASELINE}_{metric}" not in results:  # no baseline without do_eval
+        return {}
+    last = next((row for row in reversed(state.log_history) if f"eval_{metric}" in row), {})
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        trained, source = state.best_metric, f"best checkpoint {state.best_model_checkpoint}"
+    elif last.get("step") == state.global_step:
+        trained, source = last[f"eval_{metric}"], "last evaluation"
+    else:
+        scores, _ = evaluate_split(trainer, metrics, validation, references, TRAINED)
+        trained, source = scores[f"{TRAINED}_{metric}"], "final model scored"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return decide(model, model_args, args, trained, results[f"{BASELINE}_{metric}"], source)
+
+
 def main(argv=None):
     # 1. Arguments: recipe JSON as defaults, flags override, unknown keys are errors.
-    model_args, data_args, training_args = parse_recipe(argv)
+    model_args, data_args, training_args = parse_recipe(argv, __doc__)
+    if model_args.method is not None:
+        raise SystemExit("method: run_trocr.py does not read it; it is handed to run_trocr_no_trainer.py's "
+                         "compute_loss and create_optimizer (docs/custom_loop.md): run that script, or drop the key")
     # The image transform reads the raw image and text columns: the trainer must not drop them.
     training_args.remove_unused_columns = False
     # loss_log.jsonl holds one row per optimizer step: it is what runs are compared on. The
@@ -101,6 +125,8 @@ def main(argv=None):
     if trace:
         trace.prepare(run, checkpoint)
     model, processor, inputs, references = run.model, run.processor, run.inputs, run.references
+    # `trainable`: the parameters that do not train are frozen before the trainer builds its optimizer.
+    trainable = set_trainable(model, model_args.trainable) if training_args.do_train else {}
 
     # Trainer: generate-based CER on validation, the best checkpoint kept by it.
     metrics = GeneratedTextMetrics(processor.tokenizer, references["validation"])
@@ -119,7 +145,7 @@ def main(argv=None):
             trainer.add_callback(every(console_logging_steps))
     if data_args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(data_args.early_stopping_patience))
-    results = run.data_results()  # truncated labels and skipped lines per split
+    results = {**run.data_results(), **trainable}  # truncated labels and skipped lines per split
 
     # 3. Baseline: the starting model on validation (and test, with baseline_test), before any
     #    update; when training, as train() begins, once the model is wrapped for DDP (BaselineScore).
@@ -145,12 +171,8 @@ def main(argv=None):
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         results.update({**baseline.metrics, **train_result.metrics})
-        best = trainer.state.best_metric
-        if "baseline_cer" in results and (best is None or best >= results["baseline_cer"]):
-            restore_starting_model(
-                trainer.accelerator.unwrap_model(trainer.model), model_args, "cer", best, results["baseline_cer"]
-            )
-            results["kept_starting_model"] = True
+        results.update(keep_never_worse(trainer, metrics, model_args, inputs["validation"], references["validation"],
+                                        results))
         trainer.save_model()
         trainer.save_state()
         if trainer.is_world_process_zero():

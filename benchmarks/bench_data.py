@@ -2,7 +2,7 @@
 """Training-input throughput: lines per second through decode, augmentation, resize,
 normalization and collation, on IAM-like line images (grayscale PNG, about 1,700x120).
 
-    python benchmarks/bench_data.py                     # the figure of benchmarks/README.md
+    python benchmarks/bench_data.py                     # the figure of docs/speed.md
     python benchmarks/bench_data.py --no_augment        # the evaluation input path
     python benchmarks/bench_data.py --quick             # smoke test
 

@@ -2,7 +2,7 @@
 """Evaluation throughput: lines per second of generation, with the CER, for the recipe's
 evaluation path against one-line-at-a-time `generate`.
 
-    python benchmarks/bench_eval.py                  # the figure of benchmarks/README.md
+    python benchmarks/bench_eval.py                  # the figure of docs/speed.md
     python benchmarks/bench_eval.py --model small    # a TrOCR-small decoder, 577 encoder positions
     python benchmarks/bench_eval.py --quick          # smoke test
 

@@ -2,7 +2,7 @@
 """Seconds per optimizer step of run_trocr.py (Seq2SeqTrainer) and of
 run_trocr_no_trainer.py (the plain accelerate loop) on the same run.
 
-    python benchmarks/bench_train.py                 # the figure of benchmarks/README.md
+    python benchmarks/bench_train.py                 # the figure of docs/speed.md
     python benchmarks/bench_train.py --quick         # smoke test
 
 The tiny data and model are built into a temporary folder by the project's own

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -56,3 +57,23 @@ def test_every_shipped_recipe_parses():
         _, _, training_args = parse_recipe([str(recipe)])
         assert training_args.output_dir.startswith("runs/"), recipe
         assert training_args.predict_with_generate, recipe
+
+
+@pytest.mark.parametrize("script", ["run_trocr", "run_trocr_no_trainer"])
+def test_help_opens_with_the_script_the_recipe_and_the_projects_own_options(script, capsys, monkeypatch):
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])  # the program name argparse shows
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["recipes/small.json", "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0] == f"usage: {script}.py RECIPE.json [--flag value ...]"
+    assert module.__doc__.strip().splitlines()[0] in text[:400]  # what the script does, first
+    own, stock = text.index("options of this project"), text.index("training options (transformers")
+    assert text.index("RECIPE.json: a recipe") < own
+    for flag in ("--model_name_or_path", "--trainable", "--method", "--dataset_name", "--baseline_test"):
+        assert own < text.index(flag) < stock, flag
+    for flag in ("--learning_rate", "--gradient_accumulation_steps", "--eval_strategy"):
+        assert text.index(flag) > stock, flag
+    assert text.count("--learning_rate LEARNING_RATE") == 1  # each option once

@@ -24,7 +24,7 @@ from test_compare_runs import fake_trace, make_run
 from trocr_recipe.args import parse_recipe
 from trocr_recipe.checkpoints import RUN_RECIPE, claim_output_dir
 from trocr_recipe.errors import BadInput, atomic_write_text, run_cli
-from trocr_recipe.trainer import load_checkpoint_weights
+from trocr_recipe.checkpoints import load_checkpoint_weights
 from trocr_recipe.validate import check_splits
 
 check_loop = importlib.import_module("check_loop")

@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/: each script runs on tiny sizes (--quick) and ends with its
-`NAME ratio=X.XX` line. No timing is asserted: the figures are in benchmarks/README.md."""
+`NAME ratio=X.XX` line. No timing is asserted: the figures are in docs/speed.md."""
 
 import os
 import re

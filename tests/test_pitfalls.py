@@ -160,3 +160,49 @@ def test_a_reference_that_does_not_improve_and_rows_no_worse_are_named():
     assert found[0].startswith("The reference row did not improve on data/newhand (CER 60.00 -> 59.80)")
     assert found[1] == "1. better ends at CER 59.00, no worse than the reference's 59.80"
     assert pitfalls.unexpected([{**reference, "cer": 30.0}, worse, forced], "data/newhand") == []
+
+
+def test_several_seeds_the_seeds_attempt_and_the_own_domain_check(experiment, tmp_path):
+    argv, _, _ = experiment
+    output = tmp_path / "seeds"
+    rows = pitfalls.main(argv + ["--output_dir", str(output), "--seeds", "1", "2", "--rows", "max_length_20",
+                                 "--attempts", "--own_domain"])
+    assert [row["name"] for row in rows] == ["reference", "max_length_20", "last_layers"]
+    reference, capped, attempt = rows
+    assert reference["seeds"] == [1, 2] and len(reference["cers"]) == 2
+    assert reference["gaps"] == [0.0, 0.0] and reference["reference_range"] == max(reference["cers"]) - min(
+        reference["cers"])
+    saved = json.loads((output / "pitfalls.json").read_text())
+    assert saved["runs"]["reference"][0]["seed"] == 2
+    assert saved["runs"]["reference"][0]["losses"] != reference["losses"]  # the seed changes the run
+    assert capped["losses"] == reference["losses"]  # max length 20 trains as the reference
+    # Only the last encoder layer and the last two decoder layers (the tiny model has one each).
+    assert attempt["planted"]["trainable"] == ["encoder.layers.0.*", "decoder.model.decoder.layers.0.*"]
+    assert reference["planted"]["trainable"] == ["all"]
+    table = (output / "pitfalls.md").read_text()
+    assert "once per seed (1, 2" in table and "| ends worse |" in table
+    assert f"| {attempt['title']} |" in table
+    for seed in (1, 2):
+        assert (output / "last_layers" / f"seed-{seed}" / "loss_log.jsonl").is_file()
+
+
+def test_ends_worse_only_beyond_the_reference_spread():
+    def runs(name, cers):
+        return [{"name": name, "title": name, "seed": seed, "cer": cer} for seed, cer in zip((1, 2, 3), cers)]
+
+    rows = pitfalls.across_seeds({"reference": runs("reference", [30.0, 31.0, 30.5]),
+                                  "clear": runs("clear", [32.0, 33.0, 32.5]),
+                                  "inside": runs("inside", [31.0, 31.5, 31.0]),
+                                  "mixed": runs("mixed", [35.0, 30.0, 36.0])})
+    verdicts = {row["name"]: row["ends_worse"] for row in rows}
+    assert verdicts == {"reference": False, "clear": True, "inside": False, "mixed": False}
+    assert rows[1]["gap_mean"] == pytest.approx(2.0) and rows[0]["reference_range"] == 1.0
+
+
+def test_own_domain_reference_must_hold_its_cer():
+    held = {"name": "reference", "title": "reference", "baseline_cer": 7.6, "cer": 7.8}
+    drifted = {**held, "cer": 8.9}
+    assert pitfalls.unexpected([held], "data/synthetic", own_domain=True) == []
+    found = pitfalls.unexpected([drifted], "data/synthetic", own_domain=True)
+    assert found == ["The reference row did not hold its CER on data/synthetic (CER 7.60 -> 8.90, more than 0.3 "
+                     "worse): give it a lower --learning_rate before reading the rows against it."]

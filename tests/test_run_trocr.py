@@ -16,7 +16,7 @@ from conftest import ROOT
 from trocr_recipe.data import encode_labels
 from trocr_recipe.modeling import generation_max_length
 from trocr_recipe.outputs import read_jsonl
-from trocr_recipe.trainer import load_checkpoint_weights
+from trocr_recipe.checkpoints import load_checkpoint_weights
 
 
 def transcribe(folder, image):

@@ -2,10 +2,12 @@
 flags override them, and an unknown key or a value of the wrong type in either place stops
 the run naming it."""
 
+import argparse
 import dataclasses
 import json
 import math
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +44,22 @@ class ModelArguments:
             "transformers' own classes load and a checkpoint that needs its own code stops the run."
         },
     )
+    trainable: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={
+            "help": "Which parameters train, the others frozen: all, encoder, decoder, or shell-style patterns on "
+            "the parameter names, e.g. 'encoder.layers.11.*' 'decoder.model.decoder.layers.[45].*' (a recipe "
+            "gives a list). The counts of trainable and frozen parameters are logged and in all_results.json."
+        },
+    )
+    method: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "A free-form JSON object for a method of your own, e.g. {\"entropy_weight\": 0.1}: "
+            "run_trocr_no_trainer.py hands it to compute_loss and create_optimizer unread "
+            "(docs/custom_loop.md); run_trocr.py refuses it."
+        },
+    )
     allow_pickle_weights: bool = field(
         default=False,
         metadata={
@@ -49,6 +67,16 @@ class ModelArguments:
             "by default only model.safetensors is read and a checkpoint without it stops the run."
         },
     )
+
+    def __post_init__(self):
+        if isinstance(self.method, str):  # from the command line: JSON text
+            try:
+                self.method = json.loads(self.method)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"method {self.method!r}: not valid JSON ({error.msg}); give an object such as "
+                                 '\'{"entropy_weight": 0.1}\'') from None
+        if self.method is not None and not isinstance(self.method, dict):
+            raise ValueError(f"method {json.dumps(self.method)}: a JSON object of names to values")
 
 
 @dataclass
@@ -179,9 +207,29 @@ ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, Seq2SeqTrainingArgume
 
 
 class RecipeParser(HfArgumentParser):
+    USAGE = "%(prog)s RECIPE.json [--flag value ...]"
+    RECIPE = textwrap.fill(
+        "RECIPE.json: a recipe (recipes/README.md lists them), a JSON object of the arguments below; its values "
+        "replace the defaults shown, flags override both; an unknown key or a value of the wrong type stops the "
+        "run, named.", width=92)
+
     def error(self, message):
         # argparse would print the usage of every argument (hundreds of lines) first.
         raise SystemExit(f"{self.prog}: {message} (--help lists every argument)")
+
+    def format_help(self) -> str:
+        """What the script does and the recipe, then the project's own options, then the ~120
+        stock training ones (argparse would list them all as one block)."""
+        def options(classes) -> str:
+            parser = HfArgumentParser(classes, usage=argparse.SUPPRESS, add_help=False)
+            return parser.format_help().split("\n", 1)[1]  # past its "options:" title
+
+        return "\n".join([
+            self.format_usage(), (self.description or "").strip(), "", self.RECIPE, "",
+            "options of this project (model, data, checks; trocr_recipe/args.py):",
+            "  -h, --help            show this message and exit", options(ARGUMENT_CLASSES[:2]),
+            "training options (transformers Seq2SeqTrainingArguments):", options(ARGUMENT_CLASSES[2:]),
+        ])
 
 
 def _field_types(parser) -> dict[str, object]:
@@ -263,10 +311,11 @@ def load_recipe(path: str, annotations: dict[str, object]) -> dict:
     return recipe
 
 
-def parse_recipe(argv: list[str] | None = None):
-    """`RECIPE.json [--flag value ...]` or flags alone -> (model, data, training) arguments."""
+def parse_recipe(argv: list[str] | None = None, description: str | None = None):
+    """`RECIPE.json [--flag value ...]` or flags alone -> (model, data, training) arguments;
+    `description` (what the script does) opens its --help."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = RecipeParser(ARGUMENT_CLASSES, allow_abbrev=False)
+    parser = RecipeParser(ARGUMENT_CLASSES, allow_abbrev=False, usage=RecipeParser.USAGE, description=description)
     source = "arguments"
     if argv and argv[0].endswith(".json"):
         source = argv.pop(0)

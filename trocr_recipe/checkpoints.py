@@ -1,4 +1,5 @@
-"""Which checkpoint to resume from: the last COMPLETE `checkpoint-N` of an output folder.
+"""Which checkpoint to resume from: the last COMPLETE `checkpoint-N` of an output folder;
+and how a checkpoint's weights load into a model in place (`load_checkpoint_weights`).
 
 A run killed while saving leaves a `checkpoint-N` folder with only some of its files.
 Trainer's `get_last_checkpoint` looks at folder names only and would resume from it. A
@@ -29,6 +30,7 @@ import shutil
 from pathlib import Path
 
 from .errors import BadInput, atomic_write_text, read_json_object
+from .modeling import pretrained
 from .outputs import RESULTS, read_results
 
 logger = logging.getLogger("trocr_recipe")
@@ -41,7 +43,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # lines and what shapes an update. How long to train (max_steps, num_train_epochs) may
 # change, to extend a run, and so may evaluation, saving, logging and hardware.
 RESUME_KEYS = (
-    "model_name_or_path", "processor_name_or_path", "model_revision",
+    "model_name_or_path", "processor_name_or_path", "model_revision", "trainable", "method",
     "dataset_name", "dataset_config_name", "image_column", "text_column", "train_split", "max_train_samples",
     "max_target_length", "augment", "on_undecodable_image", "on_bad_image_size", "on_empty_text",
     "on_unknown_tokens", "on_label_too_long", "max_image_side", "max_aspect_ratio",
@@ -50,6 +52,19 @@ RESUME_KEYS = (
     "label_smoothing_factor", "per_device_train_batch_size", "gradient_accumulation_steps",
     "train_sampling_strategy", "fp16", "bf16",
 )
+
+
+def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
+    """Load a saved checkpoint's weights into `model` in place, strictly.
+
+    transformers 5 saves the ViT encoder layers' weights under their legacy names and renames
+    them only inside `from_pretrained`; Trainer's resume and load-best paths call
+    `load_state_dict` on the raw file, which leaves the encoder layers untouched (each of
+    their keys 'missing' and 'unexpected'; the embeddings and final layernorm load).
+    Going through `from_pretrained` applies the renaming."""
+    fix = "remove that checkpoint folder to resume from an earlier one, or start afresh with --overwrite_output_dir"
+    loaded = pretrained(type(model), checkpoint, "checkpoint", fix=fix, **from_pretrained_kwargs)
+    model.load_state_dict(loaded.state_dict(), strict=True)
 
 
 def checkpoint_step(path) -> int | None:

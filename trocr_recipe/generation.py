@@ -1,6 +1,6 @@
 """Batched generation for TrOCR: `generate` gives the sequences of `model.generate`, with what
 the beams of a line share computed once per line and finished lines left out of the
-decoder's batch (how and how much: benchmarks/README.md, "bench_eval.py").
+decoder's batch (how and how much: docs/speed.md, "bench_eval.py").
 
 It leans on a few members of transformers that are not public (docs/compatibility.md,
 "## Generation"). Where one of them is missing or unused, or on a transformers version

@@ -54,11 +54,12 @@ class LossLog(JsonlLog):
     def __init__(self, output_dir: str):
         super().__init__(output_dir, LOSS_LOG)
 
-    def append(self, step: int, loss: float, learning_rate: float, epoch: float | None = None) -> None:
+    def append(self, step: int, loss: float, learning_rate: float, epoch: float | None = None, **terms) -> None:
+        """`terms`: parts of the loss a method logs beside it (docs/custom_loop.md)."""
         row = {"step": step, "loss": loss, "learning_rate": learning_rate}
         if epoch is not None:
             row["epoch"] = epoch
-        self.write(row)
+        self.write({**row, **terms})
 
 
 def read_jsonl(path) -> list[dict]:

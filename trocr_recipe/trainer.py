@@ -9,38 +9,13 @@ import os
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .checkpoints import load_checkpoint_weights
 from .generation import generating_per_line
-from .modeling import pretrained, token_loss
+from .modeling import token_loss
 
 logger = logging.getLogger("trocr_recipe")
 
 BASELINE = "baseline"  # metric prefix of the starting model's scores
-
-
-def load_checkpoint_weights(model, checkpoint: str, **from_pretrained_kwargs) -> None:
-    """Load a saved checkpoint's weights into `model` in place, strictly.
-
-    transformers 5 saves the ViT encoder layers' weights under their legacy names and renames
-    them only inside `from_pretrained`; Trainer's resume and load-best paths call
-    `load_state_dict` on the raw file, which leaves the encoder layers untouched (each of
-    their keys 'missing' and 'unexpected'; the embeddings and final layernorm load).
-    Going through `from_pretrained` applies the renaming."""
-    fix = "remove that checkpoint folder to resume from an earlier one, or start afresh with --overwrite_output_dir"
-    loaded = pretrained(type(model), checkpoint, "checkpoint", fix=fix, **from_pretrained_kwargs)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-
-
-def restore_starting_model(model, model_args, metric: str, best, baseline: float) -> None:
-    """Training never beat the baseline: the run keeps the checkpoint it started from,
-    and says so loudly."""
-    logger.warning(
-        "\n%s\nTRAINING NEVER BEAT THE BASELINE (best validation %s %s, baseline %.2f):\n"
-        "the saved model is the starting checkpoint %s, not a trained one.\n%s",
-        "!" * 78, metric.upper(), best, baseline, model_args.model_name_or_path, "!" * 78,
-    )
-    load_checkpoint_weights(
-        model, model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir
-    )
 
 
 def step_token_loss(label_smoothing: float = 0.0):
@@ -178,7 +153,7 @@ class OcrTrainer(Seq2SeqTrainer):
 
     def floating_point_ops(self, inputs):
         """The total_flos statistic with the parameters counted once: the stock method walks
-        every module at every step (about 1 ms for TrOCR-small), which the plain loop does not."""
+        every module at every step (its cost: docs/speed.md), which the plain loop does not."""
         if self._parameter_count is None:
             self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
         # Pixels as the model sees them: three channels, also for a one-channel uint8 batch.
