@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE := 1
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 LATEST := .venv-latest
+LOWEST := .venv-lowest
+UV := .venv-lock/bin/uv
 
 # $(call install_torch,VENV)
 install_torch = $(1)/bin/python -c "import torch" 2>/dev/null \
@@ -24,7 +26,7 @@ torch_held = $(1)/bin/python -c "import torch; print('torch==' + torch.__version
 versions = $(1)/bin/python -c "import torch, transformers, accelerate, datasets, tokenizers; \
 	print('$(2):', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, datasets, tokenizers)))"
 
-.PHONY: setup demo tiny test test-latest lock clean
+.PHONY: setup demo tiny test test-latest test-lowest lock clean
 
 setup: $(VENV)/.installed
 
@@ -82,6 +84,24 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	$(call versions,$(LATEST),latest)
 	$(LATEST)/bin/python -m pytest tests
+
+$(UV):
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv
+
+# The lowest releases requirements.txt allows (its ranges' lower ends; the packages they need as uv
+# resolves them), exact, in an environment of their own; torch as installed first (TORCH_SPEC).
+test-lowest: $(UV)
+	@test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install --quiet --upgrade pip
+	$(call install_torch,$(LOWEST))
+	$(call torch_held,$(LOWEST))
+	printf 'torch\n' > $(LOWEST)/excludes.txt
+	$(UV) pip compile requirements.txt --resolution lowest-direct --excludes $(LOWEST)/excludes.txt \
+		--python-version 3.11 --quiet -o $(LOWEST)/requirements.txt
+	$(LOWEST)/bin/pip install --quiet -r $(LOWEST)/requirements.txt -c $(LOWEST)/torch-held.txt
+	$(LOWEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(call versions,$(LOWEST),lowest)
+	$(LOWEST)/bin/python -m pytest tests
 
 # Rewrites requirements.lock: the newest versions in range, less what requirements.lock.in holds back.
 # torch is left out (it is installed first, TORCH_SPEC from TORCH_INDEX).
