@@ -1,6 +1,6 @@
 """Build a small TrOCR offline: a ViT encoder and a TrOCR decoder from configs, and a
 byte-level BPE tokenizer trained on the dataset's training texts with RoBERTa's special
-tokens (<s>=0, <pad>=1, </s>=2, <unk>=3), saved as a normal checkpoint folder with its
+tokens (<s>=0, <pad>=1, </s>=2, <unk>=3, cls = <s>, sep = </s>, <mask> last), saved as a normal checkpoint folder with its
 processor, loadable by VisionEncoderDecoderModel / TrOCRProcessor.from_pretrained.
 
     python data_scripts/make_tiny_model.py --dataset data/synthetic --output_dir models/tiny
@@ -12,7 +12,7 @@ import math
 import torch
 from datasets import load_from_disk
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     TrOCRConfig,
@@ -39,20 +39,25 @@ PRESETS = {
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the TrOCR checkpoints' special tokens: <s>=0, <pad>=1, </s>=2,
+    <unk>=3, cls = <s>, sep = </s>, and <mask> as the last id, so that community code reading
+    cls_token_id / sep_token_id / mask_token_id runs on it unchanged."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - 1,  # <mask> comes last, as in RoBERTa's vocabulary
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
     # As RoBERTa's tokenizer: `<s> text </s>` by default, the behaviour the recipe must undo.
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        cls_token="<s>", sep_token="</s>", mask_token="<mask>",
     )
 
 

@@ -61,32 +61,33 @@ def test_clean_setup_passes_every_check(setup):
 @pytest.mark.parametrize("where", ["config", "generation_config"])
 def test_decoder_start_not_eos(setup, where):
     getattr(setup.run.model, where).decoder_start_token_id = 0
-    finding = only(setup.findings(), "decoder_start_token")
-    assert f"model.{where}.decoder_start_token_id=0" in finding.message and "</s> (id 2)" in finding.message
-    assert "pitfall 5" in finding.message  # only one of the two configs is wrong
+    findings = setup.findings()
+    finding = only(findings, "decoder_start_bos")
+    assert f"model.{where}.decoder_start_token_id=0" in finding.evidence and "</s> is 2" in finding.evidence
+    # Only one of the two configs is wrong: they disagree too (pitfall 5).
+    assert "decoder_start_token_id: " in only(findings, "configs_disagree").evidence
 
 
 def test_eos_and_pad_disagreeing_between_configs(setup):
     setup.run.model.generation_config.pad_token_id = 0
-    finding = only(setup.findings(), "special_token_ids")
-    assert "model.generation_config.pad_token_id=0" in finding.message and "<pad>=1" in finding.message
+    finding = only(setup.findings(), "configs_disagree")
+    assert "model.generation_config=0 (the tokenizer's is 1)" in finding.evidence
 
 
 def test_bos_at_the_front_of_labels(setup):
     with_labels(setup, lambda ids: [0] + ids)
     findings = setup.findings()
-    assert "<s> (id 0)" in only(findings, "labels_start_with_bos").message
-    assert "labels_decode_to_text" not in [finding.name for finding in findings]
+    assert "<s> (id 0)" in only(findings, "bos_in_labels").message
+    assert {"references_not_texts", "labels_cut"}.isdisjoint(finding.name for finding in findings)
 
 
 def test_first_id_cut_and_no_eos(setup):
     """Pitfall 12: `ids[1:]` of a tokenizer output without <s> and </s>."""
     with_labels(setup, lambda ids: ids[1:-1])
-    findings = setup.findings()
-    assert "never learns to stop" in only(findings, "labels_end_with_eos").message
-    message = only(findings, "labels_decode_to_text").message
+    finding = only(setup.findings(), "labels_cut")
+    assert "do not end with </s>" in finding.message and "without its first piece" in finding.message
     text = setup.run.references["train"][0]
-    assert f"{text!r} -> " in message and "first character" in message
+    assert f"text {text!r}, label decodes to " in finding.evidence and "never learns to stop" in finding.effect
 
 
 def test_label_padding_with_pad_id(setup):
@@ -97,16 +98,16 @@ def test_label_padding_with_pad_id(setup):
             return batch
 
     setup.run.collator = PadIdCollator.from_image_processor(setup.run.processor.image_processor)
-    message = only(setup.findings(), "label_padding").message
-    assert "must be -100" in message and "pad_token_id 1" in message
+    finding = only(setup.findings(), "pad_not_ignored")
+    assert "hold the pad id (1) instead of -100" in finding.message
 
 
 def test_generation_max_length_too_short(setup):
     setup.run.model.generation_config.max_length = 5
     setup.training_args.generation_max_length = 5
-    message = only(setup.findings(), "generation_max_length").message
-    assert "generation_config.max_length=5" in message and "training_args.generation_max_length=5" in message
-    assert "default max_length 20" in message
+    finding = only(setup.findings(), "generation_too_short")
+    assert "training_args: max_length=5" in finding.evidence and "room for 4 tokens" in finding.message
+    assert "generation_max_length" in finding.fix
 
 
 def test_tokenizer_of_another_checkpoint(tiny_args, tiny_data, processor, tmp_path):
@@ -117,37 +118,37 @@ def test_tokenizer_of_another_checkpoint(tiny_args, tiny_data, processor, tmp_pa
     other = train_tokenizer(load_from_disk(str(tiny_data))["train"]["text"], vocab_size=200)
     TrOCRProcessor(image_processor=processor.image_processor, tokenizer=other).save_pretrained(tmp_path / "other")
     findings = make_setup(tiny_args + ["--processor_name_or_path", str(tmp_path / "other")]).findings()
-    assert "pitfall 6" in only(findings, "vocabulary_size", "warning").message
-    message = only(findings, "tokenizer_matches_checkpoint").message
-    assert f"{len(other)} ids against {len(processor.tokenizer)}" in message
+    finding = only(findings, "tokenizer_mismatch")
+    assert f"The tokenizer has {len(other)} ids, the decoder's embedding table 300" in finding.message
+    assert f"{len(other)} ids against {len(processor.tokenizer)}" in finding.evidence
 
 
 def test_tokenizer_larger_than_embedding_table(setup):
     setup.run.processor.tokenizer.add_tokens(["<extra>"])
-    assert "index past the table" in only(setup.findings(), "vocabulary_size").message
+    assert "301 ids, the decoder's embedding table 300" in only(setup.findings(), "tokenizer_mismatch").message
 
 
 def test_tokenizer_that_does_not_round_trip(setup):
     from tokenizers import normalizers
 
     setup.run.processor.tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()  # an uncased tokenizer
-    message = only(setup.findings(), "tokenizer_round_trip").message
+    finding = only(setup.findings(), "tokenizer_mismatch")
     text = setup.run.references["train"][0]
-    assert f"{text!r} -> {text.lower()!r}" in message and message.count(" -> ") == 3
+    assert f"{text!r} -> {text.lower()!r}" in finding.evidence and "does not give back" in finding.message
 
 
 def test_imagenet_normalization_in_the_collator(setup):
     setup.run.collator = OcrCollator(**IMAGENET)
-    message = only(setup.findings(), "collator_normalization").message
-    assert "image_mean=[0.485, 0.456, 0.406]" in message and "0.5/0.5" in message
+    finding = only(setup.findings(), "pixel_preparation")
+    assert "differ from the image processor's" in finding.message and "0.5/0.5" in finding.effect
 
 
 def test_bilinear_resample_and_strict_mode(setup):
     setup.run.processor.image_processor.resample = Image.BILINEAR
     findings = setup.findings()
-    assert "BILINEAR" in only(findings, "image_resample", "warning").message
+    assert "BILINEAR" in only(findings, "pixel_preparation", "warning").message
     raise_on_errors(findings)  # a warning alone lets the run go on
-    with pytest.raises(SystemExit, match="image_resample.*\n.*preflight_strict"):
+    with pytest.raises(SystemExit, match="(?s)pixel_preparation.*preflight_strict"):
         raise_on_errors(findings, strict=True)
 
 
@@ -156,25 +157,26 @@ def test_processor_from_another_source_with_other_image_settings(tiny_args, proc
     processor.__class__(image_processor=other, tokenizer=processor.tokenizer).save_pretrained(tmp_path / "other")
     other_setup = make_setup(tiny_args + ["--processor_name_or_path", str(tmp_path / "other")])
     findings = other_setup.findings()
-    message = only(findings, "image_processor_matches_checkpoint", "warning").message
-    assert "image_mean (0.485, 0.456, 0.406)" in message
+    finding = only(findings, "pixel_preparation", "warning")
+    assert "image_mean (0.485, 0.456, 0.406)" in finding.evidence and "differs from the checkpoint's" in finding.message
     # The recipe resizes bicubic whatever a processor config says, and saves it so.
     assert other_setup.run.processor.image_processor.resample == 3
     # The collator follows the processor actually used, so it normalizes consistently.
-    assert {finding.name for finding in findings} == {"image_processor_matches_checkpoint"}
+    assert [finding.name for finding in findings] == ["pixel_preparation"]
 
 
 def test_encoder_image_size_differs_from_processor(setup):
     setup.run.processor.image_processor.size = {"height": 64, "width": 128}
-    assert "built for 32x128 images" in only(setup.findings(), "encoder_image_size").message
+    assert "the encoder was built for 32x128" in only(setup.findings(), "pixel_preparation").message
 
 
 def test_large_learning_rate_on_a_fine_tuned_checkpoint(setup):
     setup.training_args.learning_rate = 1e-3
     assert setup.findings() == []  # the tiny model is not a fine-tuned checkpoint
-    assert "already fine-tuned" in only(setup.findings(fine_tuned=True), "learning_rate", "warning").message
+    assert "already fine-tuned" in only(setup.findings(fine_tuned=True), "learning_rate_high", "warning").message
     setup.model_args.model_name_or_path = "microsoft/trocr-small-handwritten"
-    assert "pitfall 9" in only(setup.findings(), "learning_rate", "warning").message
+    finding = only(setup.findings(), "learning_rate_high", "warning")
+    assert finding.pitfall == 9 and "microsoft/trocr-small-handwritten" in finding.message
 
 
 def test_every_error_is_listed_when_the_run_stops(setup):
@@ -182,7 +184,7 @@ def test_every_error_is_listed_when_the_run_stops(setup):
     setup.run.collator = OcrCollator(**IMAGENET)
     with pytest.raises(SystemExit) as stopped:
         preflight(setup.run, setup.model_args, setup.data_args, setup.training_args)
-    assert "decoder_start_token" in str(stopped.value) and "collator_normalization" in str(stopped.value)
+    assert "decoder_start_bos" in str(stopped.value) and "pixel_preparation" in str(stopped.value)
 
 
 def test_non_finite_forward_loss_stops_the_run(setup):

@@ -30,11 +30,21 @@ PLANTED_KEYS = {
 @pytest.fixture(scope="module")
 def talkative_model(tiny_model, tmp_path_factory):
     """The tiny model, never generating `</s>`: every line runs to the maximum length, so
-    that the cap at 20 tokens shows."""
+    that the cap at 20 tokens shows. Its weights say so (an output projection of its own whose
+    `</s>` row is zero), not its generation config, which the preflight would rightly refuse
+    (suppressing `</s>` forbids every line: pitfall 14)."""
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
     path = tmp_path_factory.mktemp("models") / "talkative"
     shutil.copytree(tiny_model, path)
-    config = json.loads((path / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(json.dumps({**config, "suppress_tokens": [config["eos_token_id"]]}))
+    model = VisionEncoderDecoderModel.from_pretrained(path)
+    model.config.decoder.tie_word_embeddings = model.config.tie_word_embeddings = False
+    projection = model.decoder.get_output_embeddings()
+    projection.weight = torch.nn.Parameter(projection.weight.detach().clone())
+    with torch.no_grad():  # a </s> logit of 0, below the best of 299 others: never in a beam's top 4
+        projection.weight[model.generation_config.eos_token_id] = 0
+    model.save_pretrained(path)
     return path
 
 
