@@ -4,11 +4,29 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-# torch is installed first, pinned: on a machine without it, an unpinned one pulls a multi-GB CUDA build.
-TORCH := torch==2.13.0
+# torch is installed first, in every environment the same way: TORCH_SPEC from TORCH_INDEX, the CPU
+# build by default (on Linux PyPI's torch is the CUDA build, gigabytes). An environment that already
+# has torch keeps it. A CUDA build: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# (any index of pytorch.org/get-started/locally). Where TORCH_INDEX cannot be reached, torch comes
+# from PyPI, said in a log line (TORCH_INDEX=https://pypi.org/simple to ask for that).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 LATEST := .venv-latest
+LOWEST := .venv-lowest
+UV := .venv-lock/bin/uv
 
-.PHONY: setup demo tiny test test-latest lock clean
+# $(call install_torch,VENV)
+install_torch = $(1)/bin/python -c "import torch" 2>/dev/null \
+	|| $(1)/bin/pip install --quiet --retries 1 --timeout 20 --index-url $(TORCH_INDEX) "$(TORCH_SPEC)" \
+	|| { echo "torch: $(TORCH_INDEX) cannot be reached: $(TORCH_SPEC) from PyPI instead (on Linux, the CUDA build)"; \
+	     $(1)/bin/pip install --quiet "$(TORCH_SPEC)"; }
+# $(call torch_held,VENV): a constraint file holding the installed torch, so that no later step swaps it.
+torch_held = $(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(1)/torch-held.txt
+# $(call versions,VENV,NAME): one line naming what the environment runs.
+versions = $(1)/bin/python -c "import torch, transformers, accelerate, datasets, tokenizers; \
+	print('$(2):', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, datasets, tokenizers)))"
+
+.PHONY: setup demo tiny test test-latest test-lowest lock clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +34,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
+	$(call install_torch,$(VENV))
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
@@ -55,18 +73,38 @@ tiny: models/tiny/config.json
 test: setup
 	$(BIN)/python -m pytest tests
 
-# The newest releases requirements.txt allows, upgraded at every call, in an environment of their own.
+# The newest releases requirements.txt allows, upgraded at every call, in an environment of their own
+# (torch as installed first: TORCH_SPEC="torch>=2.4,<2.14" for the newest in range).
 test-latest:
 	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
-	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -r requirements.txt
+	$(call install_torch,$(LATEST))
+	$(call torch_held,$(LATEST))
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -r requirements.txt -c $(LATEST)/torch-held.txt
 	$(LATEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
-	$(LATEST)/bin/python -c "import torch, transformers, accelerate, datasets; print('latest:', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, datasets)))"
+	$(call versions,$(LATEST),latest)
 	$(LATEST)/bin/python -m pytest tests
 
+$(UV):
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv
+
+# The lowest releases requirements.txt allows (its ranges' lower ends; the packages they need as uv
+# resolves them), exact, in an environment of their own; torch as installed first (TORCH_SPEC).
+test-lowest: $(UV)
+	@test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install --quiet --upgrade pip
+	$(call install_torch,$(LOWEST))
+	$(call torch_held,$(LOWEST))
+	printf 'torch\n' > $(LOWEST)/excludes.txt
+	$(UV) pip compile requirements.txt --resolution lowest-direct --excludes $(LOWEST)/excludes.txt \
+		--python-version 3.11 --quiet -o $(LOWEST)/requirements.txt
+	$(LOWEST)/bin/pip install --quiet -r $(LOWEST)/requirements.txt -c $(LOWEST)/torch-held.txt
+	$(LOWEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(call versions,$(LOWEST),lowest)
+	$(LOWEST)/bin/python -m pytest tests
+
 # Rewrites requirements.lock: the newest versions in range, less what requirements.lock.in holds back.
-# torch is left out (it is installed first, CPU or CUDA build as the machine needs).
+# torch is left out (it is installed first, TORCH_SPEC from TORCH_INDEX).
 lock:
 	@test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv)
 	printf 'torch\n' > .lock-excludes.txt

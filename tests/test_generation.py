@@ -1,13 +1,14 @@
 """trocr_recipe.generation.generate gives the sequences of model.generate, one line at a
 time or batched, greedy or beam search, with and without the encoder-to-decoder projection,
 while finished lines leave the batch; OcrTrainer's evaluation step uses it. Where upstream
-changes what it relies on, it warns, counts and still gives model.generate's sequences."""
+changes what it relies on, the part it affects fails its proof on first use (a tiny model of
+the same configuration), and stays off: it warns, counts and still gives model.generate's
+sequences."""
 
 import contextlib
 import functools
 import inspect
 import json
-import math
 import warnings
 from collections import Counter
 
@@ -20,14 +21,17 @@ from transformers import (
 )
 from transformers.models.trocr.modeling_trocr import TrOCRAttention
 
-from trocr_recipe import generation
+from trocr_recipe import generation, generation_proof
 from trocr_recipe.generation import generate, generating_per_line
+from trocr_recipe.generation_proof import LENGTHS, EndAt, Scores
 from trocr_recipe.trainer import OcrTrainer
 
 
 @pytest.fixture(autouse=True)
 def fallbacks(monkeypatch):
-    """A fresh fallback counter and warning memory per test; every test expects none unless it says so."""
+    """A fresh fallback counter, warning memory and proofs per test; every test expects no
+    fallback unless it says so."""
+    monkeypatch.setattr(generation_proof, "PROOFS", {})
     monkeypatch.setattr(generation, "FALLBACKS", Counter())
     monkeypatch.setattr(generation, "_WARNED", set())
     monkeypatch.delenv(generation.SWITCH, raising=False)
@@ -81,32 +85,16 @@ def test_routed_model_generate_is_restored():
     assert "generate" not in vars(model) and not model._forward_pre_hooks
 
 
-class _EndAt(LogitsProcessor):
-    """Line i ends with </s> (id 2) as its lengths[i]-th token, as a trained model's lines
-    would end (a random model's rarely do)."""
-
-    def __init__(self, lengths: list[int], num_beams: int):
-        self.lengths = torch.tensor(lengths).repeat_interleave(num_beams)
-
-    def __call__(self, input_ids, scores):
-        end = input_ids.shape[1] >= self.lengths
-        scores[~end, 2] = -math.inf
-        scores[end] = -math.inf
-        scores[end, 2] = 0.0
-        return scores
-
-
-LENGTHS = [3, 12, 4, 5, 3, 6, 4, 3]  # the batch runs for 12 steps; most lines end in 3 to 6
 
 
 @functools.lru_cache
 def _stock_lines(num_beams: int, bf16: bool) -> list[list[int]]:
     """model.generate one line at a time on the lines that end at LENGTHS (the same weights
-    in every test: `_model` seeds them)."""
+    in every test: `_model` seeds them; `_stock_lines.__wrapped__` where upstream changed)."""
     model, expected = _autocast(_model(24)) if bf16 else _model(24), []
     with torch.no_grad():
         for i, length in enumerate(LENGTHS):
-            processor = LogitsProcessorList([_EndAt([length], num_beams)])
+            processor = LogitsProcessorList([EndAt([length], num_beams)])
             expected.append(model.generate(pixel_values=_PIXELS[i:i + 1], logits_processor=processor,
                                            **_ending_kwargs(num_beams))[0].tolist())
     return expected
@@ -119,28 +107,17 @@ def _ending_kwargs(num_beams: int) -> dict:
 _PIXELS = torch.randn(len(LENGTHS), 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
-def _ending_lines(model, num_beams: int, bf16: bool = False) -> tuple[list[list[int]], list[list[int]], list[int]]:
+def _ending_lines(model, num_beams: int, bf16: bool = False, stock=_stock_lines) -> tuple[list, list, list[int]]:
     """Lines that end at LENGTHS: `generate` on the batch, with the rows of each decoder step
     (padding dropped), and model.generate one line at a time."""
     rows = []
     hook = model.decoder.register_forward_pre_hook(lambda module, args, kw: rows.append(len(kw["input_ids"])),
                                                    with_kwargs=True)
     with torch.no_grad():
-        batched = generate(model, _PIXELS, logits_processor=LogitsProcessorList([_EndAt(LENGTHS, num_beams)]),
+        batched = generate(model, _PIXELS, logits_processor=LogitsProcessorList([EndAt(LENGTHS, num_beams)]),
                            **_ending_kwargs(num_beams))
     hook.remove()
-    return [row[row != 1].tolist() for row in batched], _stock_lines(num_beams, bf16), rows
-
-
-class _Scores(LogitsProcessor):
-    """Keeps the scores generate passes to the logits processors at every step."""
-
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, input_ids, scores):
-        self.steps.append(scores.clone())
-        return scores
+    return [row[row != 1].tolist() for row in batched], stock(num_beams, bf16), rows
 
 
 def _assert_same_scores(model, num_beams: int) -> None:
@@ -149,18 +126,15 @@ def _assert_same_scores(model, num_beams: int) -> None:
     reordered wrongly: a random model's tokens hardly depend on it."""
     steps = {}
     for path in ("stock", "ours"):
-        scores = _Scores()
-        processors = LogitsProcessorList([scores, _EndAt(LENGTHS, num_beams)])
+        scores = Scores()
+        processors = LogitsProcessorList([scores, EndAt(LENGTHS, num_beams)])
         with torch.no_grad():
             if path == "ours":
                 generate(model, _PIXELS, logits_processor=processors, **_ending_kwargs(num_beams))
             else:
                 model.generate(pixel_values=_PIXELS, logits_processor=processors, **_ending_kwargs(num_beams))
         steps[path] = scores.steps
-    assert len(steps["ours"]) == len(steps["stock"])
-    for step, (ours, stock) in enumerate(zip(steps["ours"], steps["stock"])):
-        decoded = ~(ours == ours[:, :1]).all(dim=1)
-        assert decoded.any() and torch.allclose(ours[decoded], stock[decoded], rtol=0, atol=1e-5), step
+    assert generation_proof.same_scores(steps["ours"], steps["stock"], atol=1e-5)
 
 
 def _lines_left(rows: list[int], num_beams: int) -> bool:
@@ -188,6 +162,7 @@ def test_generate_gets_a_cache_that_reorders_only_self_attention(monkeypatch):
     """The cache goes to generate under the forward's keyword (`cache` from transformers 5.24,
     `past_key_values` before); beam search calls its reorder_cache, a method of its class."""
     model, caches = _model(24), []
+    generation_proof.proven(model, True, generation.run)  # before the spies below
     stock_generate = model.generate
 
     def spy(**kwargs):
@@ -209,12 +184,6 @@ def test_generate_gets_a_cache_that_reorders_only_self_attention(monkeypatch):
 
 # What trocr_recipe.generation uses of transformers beyond its public API (docs/compatibility.md,
 # "## Generation"): each test below names the member upstream changed when it fails.
-def test_transformers_version_is_tested():
-    version = transformers.__version__
-    assert version in generation.TESTED_TRANSFORMERS, (
-        f"transformers {version} is not in generation.TESTED_TRANSFORMERS: run this file with it, then add it")
-
-
 def test_beam_search_early_stop_member():
     member, version = generation.EARLY_STOP, transformers.__version__
     assert hasattr(GenerationMixin, member), f"GenerationMixin.{member} is gone in transformers {version}"
@@ -239,10 +208,6 @@ def test_trocr_cross_attention_members():
         assert hasattr(attention, name), f"TrOCRAttention.{name} is gone in transformers {version}"
     assert list(inspect.signature(TrOCRAttention.forward).parameters)[1] == "hidden_states", (
         f"TrOCRAttention.forward's first argument is no longer hidden_states in transformers {version}")
-
-
-def _untested_version(monkeypatch):
-    monkeypatch.setattr(generation, "TESTED_TRANSFORMERS", ("0.0.0",))
 
 
 def _unknown_cache_keyword(monkeypatch):
@@ -275,6 +240,17 @@ def _cross_attention_not_through_forward(monkeypatch):
     monkeypatch.setattr(TrOCRAttention, "__call__", call)
 
 
+def _cross_attention_arithmetic_changed(monkeypatch):
+    """TrOCRAttention computing cross-attention otherwise: every hook still called, the
+    per-line arithmetic no longer the decoder's."""
+    stock = TrOCRAttention.forward
+
+    def changed(self, hidden_states, key_value_states=None, **kwargs):
+        output, weights = stock(self, hidden_states, key_value_states=key_value_states, **kwargs)
+        return (output if key_value_states is None else 2 * output), weights
+    monkeypatch.setattr(TrOCRAttention, "forward", changed)
+
+
 @contextlib.contextmanager
 def _no_warning():
     """Fails if trocr_recipe.generation warns inside the block."""
@@ -284,36 +260,91 @@ def _no_warning():
     assert not [warning for warning in caught if "trocr_recipe.generation" in str(warning.message)]
 
 
-@pytest.mark.parametrize("change, part, greedy_too", [
-    (_untested_version, "batched generation", True),
-    (_unknown_cache_keyword, "leaving finished lines out", True),
-    (_cross_attention_not_through_forward, "per-line cross-attention", True),
-    (_early_stop_renamed, "_check_early_stop", False),  # beam search only
-    (_early_stop_never_called, "_old_check", False),
-    (_reordered_by_the_model, "leaving finished lines out", False),
-])
+# change, the part it turns off, whether greedy search is affected, whether lines still leave the batch
+UPSTREAM_CHANGES = [
+    (_unknown_cache_keyword, "leaving finished lines out", True, False),
+    (_cross_attention_not_through_forward, "per-line cross-attention", True, True),
+    (_cross_attention_arithmetic_changed, "per-line cross-attention", True, True),
+    (_early_stop_renamed, "_check_early_stop", False, False),  # beam search only
+    (_early_stop_never_called, "_old_check", False, False),
+    (_reordered_by_the_model, "leaving finished lines out", False, False),
+]
+
+
+@pytest.mark.parametrize("change, part, greedy_too, lines_leave", UPSTREAM_CHANGES)
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_upstream_change_warns_counts_and_keeps_the_sequences(change, part, greedy_too, num_beams, monkeypatch,
-                                                              fallbacks):
-    """A simulated upstream change: the sequences of model.generate, finished lines kept in
-    the batch, a warning naming the transformers version and the part off (once per
-    process) and a count per generate call. Greedy search needs no beam search member."""
+def test_upstream_change_warns_counts_and_keeps_the_sequences(change, part, greedy_too, lines_leave, num_beams,
+                                                              monkeypatch, fallbacks):
+    """A simulated upstream change: the part it affects fails its proof; the sequences of
+    model.generate, a warning naming the transformers version and the part off (once per
+    process) and a count per generate call; the other parts still on. Greedy search needs
+    no beam search member."""
     model = _model(24)
     change(monkeypatch)
+    stock = _stock_lines.__wrapped__ if change is _cross_attention_arithmetic_changed else _stock_lines
     if num_beams == 1 and not greedy_too:
         with _no_warning():
-            batched, expected, rows = _ending_lines(model, num_beams)
+            batched, expected, rows = _ending_lines(model, num_beams, stock=stock)
         assert batched == expected and _lines_left(rows, num_beams) and not fallbacks
         return
     with pytest.warns(RuntimeWarning, match=f"transformers {transformers.__version__}: .*{part}.* off"):
-        batched, expected, rows = _ending_lines(model, num_beams)
+        batched, expected, rows = _ending_lines(model, num_beams, stock=stock)
     assert batched == expected
-    assert not _lines_left(rows, num_beams)
+    assert _lines_left(rows, num_beams) is lines_leave
     assert list(fallbacks.values()) == [1] and part in next(iter(fallbacks)), dict(fallbacks)
     with _no_warning():  # warned once per process, counted at every call
-        assert _ending_lines(model, num_beams)[0] == expected
+        assert _ending_lines(model, num_beams, stock=stock)[0] == expected
     assert list(fallbacks.values()) == [2]
     assert not model._forward_hooks and not model._forward_pre_hooks and "generate" not in vars(model)
+
+
+def _engaged_parts(batch, beam: bool) -> set:
+    """The parts that took effect in a generate call, seen from what its hooks did."""
+    leave_out = batch.leave_out and (batch.cache.reorders > 0 if beam else batch.lines_left())
+    return {part for part, engaged in [("per_line", batch.attends > 0), ("leave_out", leave_out),
+                                       ("early_stop", batch.watched > 0 and batch.lines_left())] if engaged}
+
+
+@pytest.mark.parametrize("failing", [None, "per_line", "leave_out", "early_stop"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_part_engages_exactly_when_its_proof_holds(failing, num_beams, monkeypatch, fallbacks):
+    """Whatever the proof says of each part (here: one part's verdict made to fail), that part
+    is on exactly when it is proven, counted when it is not, and the sequences are stock."""
+    verdict, beam, runs = generation_proof._verdict, num_beams > 1, []
+    monkeypatch.setattr(generation_proof, "_verdict",
+                        lambda part, *args: "simulated" if part == failing else verdict(part, *args))
+    model, stock_run = _model(24), generation.run
+
+    def spy(run_model, *args):
+        sequences, batch = stock_run(run_model, *args)
+        runs.extend([batch] if run_model is model else [])  # not the proof's tiny model
+        return sequences, batch
+
+    monkeypatch.setattr(generation, "run", spy)
+    batched, expected, rows = _ending_lines(model, num_beams)
+    assert batched == expected
+    proof = generation_proof.proven(model, beam, stock_run)  # made at the call above, kept
+    proven = {part for part, reason in proof.items() if reason is None}
+    assert proven == set(generation_proof.PARTS[beam]) - {failing} - ({"early_stop"} if failing == "leave_out" else set())
+    (batch,) = runs
+    assert _engaged_parts(batch, beam) == proven
+    off = set(proof) - proven
+    assert set(fallbacks) == {generation._label(part) for part in off} and all(n == 1 for n in fallbacks.values())
+
+
+def test_proven_once_per_configuration_leaving_the_random_state(monkeypatch):
+    """The proof runs at the first call per configuration and search (greedy, beam) and
+    draws its tiny model's weights without moving the caller's random state."""
+    proofs = []
+    prove = generation_proof._prove
+    monkeypatch.setattr(generation_proof, "_prove", lambda *args, **kwargs: proofs.append(args) or prove(*args, **kwargs))
+    with torch.no_grad():
+        for width, num_beams in [(24, 1), (24, 1), (24, 2), (32, 2), (24, 2)]:
+            model, state = _model(width), torch.get_rng_state()
+            generate(model, _PIXELS[:2], num_beams=num_beams, max_length=6)
+            assert torch.equal(torch.get_rng_state(), state)
+    assert [(width, beam) for _, _, width, beam, _ in proofs] == [(24, False), (24, True), (32, True)]
+    assert all(reason is None for proof in generation_proof.PROOFS.values() for reason in proof.values())
 
 
 @pytest.mark.parametrize("off, lines_leave", [("early_stop", {1: True, 3: False}), ("leave_out", {1: False, 3: False}),
@@ -360,11 +391,11 @@ def test_trainer_prediction_step_runs_the_encoder_once(tmp_path):
 
 
 def test_a_run_with_a_fallback_says_so_in_all_results(tiny_args, tmp_path, monkeypatch):
-    """A whole run (run_trocr.py, one step) on a transformers version generation was not tested with."""
+    """A whole run (run_trocr.py, one step) where the forward takes the cache under an unknown keyword."""
     import run_trocr
 
-    _untested_version(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="batched generation"):
+    _unknown_cache_keyword(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="leaving finished lines out"):
         run_trocr.main(tiny_args + ["--max_steps", "1", "--do_predict", "false"])
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
     assert results["generation_fast_path_fallbacks"] >= 2  # the baseline and the validation after the step

@@ -3,9 +3,11 @@ the beams of a line share computed once per line and finished lines left out of 
 decoder's batch (how and how much: docs/speed.md, "bench_eval.py").
 
 It leans on a few members of transformers that are not public (docs/compatibility.md,
-"## Generation"). Where one of them is missing or unused, or on a transformers version
-not in TESTED_TRANSFORMERS, that part is off: a warning once per process, a count in
-FALLBACKS (a run's all_results.json: generation_fast_path_fallbacks), stock results.
+"## Generation"). Each part proves itself on first use in a process (generation_proof.py:
+stock `generate`'s sequences on a tiny model of the same configuration, its hooks called);
+a part that fails its proof, or does not engage in a call, is off: a warning once per
+process, a count in FALLBACKS (a run's all_results.json: generation_fast_path_fallbacks),
+stock results.
 """
 
 import contextlib
@@ -21,7 +23,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRForCausalLM
 
-TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+from . import generation_proof
+
 # The forward's cache keyword: `cache` from transformers 5.24, `past_key_values` before.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 # generate's per-step beam search test, and the arguments `_Batch.watch` reads from it.
@@ -33,6 +36,12 @@ PARTS = ("per_line", "early_stop", "leave_out")
 
 FALLBACKS: Counter = Counter()  # part -> generate calls that ran without it
 _WARNED: set = set()
+
+
+def _label(part: str) -> str:
+    """How the warning and FALLBACKS name a part of PARTS."""
+    return {"per_line": "per-line cross-attention", "leave_out": "leaving finished lines out",
+            "early_stop": f"finished beam search lines ({EARLY_STOP})"}.get(part, part)
 
 
 def fallback_count() -> int:
@@ -112,7 +121,8 @@ class _Batch:
         self.done = torch.zeros(len(states), dtype=torch.bool, device=states.device)
         self.beams = 0  # rows per line: known at the first forward
         self.cache, self.cache_name, self.rows, self.total = None, None, None, 0
-        self.attentions, self.attended, self.watched = 0, 0, 0
+        self.attentions, self.attended, self.attends, self.watched = 0, 0, 0, 0
+        self.missing = {}  # part of PARTS -> why it did not engage in this call
         config = model.config
         self.project = (
             self.per_line and config.encoder.hidden_size != config.decoder.hidden_size
@@ -123,7 +133,7 @@ class _Batch:
         """TrOCRAttention.forward as cross-attention, the rows of a line attending together
         to the line's keys and values. The same arithmetic: scaled query, one product with
         the keys, softmax, one product with the values, output projection."""
-        self.attended += 1
+        self.attended, self.attends = self.attended + 1, self.attends + 1
         if attention not in self.keys_values:
             if self.project:  # as VisionEncoderDecoderModel.forward, once
                 self.states, self.project = self.model.enc_to_dec_proj(self.states), False
@@ -140,6 +150,9 @@ class _Batch:
         weights = torch.nn.functional.dropout(weights, p=attention.dropout, training=attention.training)
         output = (weights @ values).transpose(1, 2).reshape(rows, length, width)
         return attention.out_proj(output), None
+
+    def lines_left(self) -> bool:
+        return len(self.lines) < len(self.done)
 
     def rows_of(self, lines: torch.Tensor) -> torch.Tensor:
         return (lines[:, None] * self.beams + torch.arange(self.beams, device=lines.device)).flatten()
@@ -158,8 +171,8 @@ class _Batch:
         self.cache_name = next((name for name in CACHE_KEYWORDS if kwargs.get(name) is self.cache), "")
         if input_ids is None or not self.cache_name:
             self.cache_name, self.leave_out = "", False
-            _fall_back("leaving finished lines out",
-                       f"the model's forward got no decoder_input_ids, or the cache under none of {CACHE_KEYWORDS}")
+            self.missing["leave_out"] = (
+                f"the model's forward got no decoder_input_ids, or the cache under none of {CACHE_KEYWORDS}")
         else:
             self.beams = len(input_ids) // len(self.states)
 
@@ -222,14 +235,14 @@ class _Batch:
         self.done |= ~unsatisfied.squeeze(-1) | full
         return unsatisfied
 
-    def report(self, watching: bool) -> None:
+    def note_hooks_not_called(self, watching: bool) -> None:
         """After generate: a hook beam search never called means its lines all stayed."""
         if self.cache is None or not self.leave_out or self.beams <= 1:
             return
         if not self.cache.reorders:
-            _fall_back("leaving finished lines out", "beam search never called reorder_cache on the cache it was given")
+            self.missing["leave_out"] = "beam search never called reorder_cache on the cache it was given"
         if watching and not self.watched:
-            _fall_back(f"finished beam search lines ({EARLY_STOP})", "beam search never called it")
+            self.missing["early_stop"] = "beam search never called it"
 
 
 def _restore(module, name: str, previous) -> None:
@@ -242,9 +255,8 @@ def _restore(module, name: str, previous) -> None:
 
 def _per_line_attentions(model, generate_kwargs) -> list[TrOCRAttention] | None:
     """The cross-attention modules `generate` replaces; None where it takes the stock path:
-    a decoder other than TrOCR's, a cache of the caller's, attentions, hidden states,
-    scores or logits asked for (those of finished lines would be missing), or a
-    transformers version this module was not tested with (warned, counted)."""
+    a decoder other than TrOCR's (warned, counted), a cache of the caller's, attentions,
+    hidden states, scores or logits asked for (those of finished lines would be missing)."""
     config = model.generation_config
     outputs = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
     if any(generate_kwargs.get(name, getattr(config, name)) for name in outputs):
@@ -252,13 +264,8 @@ def _per_line_attentions(model, generate_kwargs) -> list[TrOCRAttention] | None:
     if any(name in generate_kwargs for name in CACHE_KEYWORDS):
         return None
     attentions = _cross_attentions(model)
-    if attentions is None:
-        if isinstance(model.decoder, TrOCRForCausalLM):
-            _fall_back("batched generation", "the TrOCR decoder's layers have no TrOCRAttention encoder_attn")
-        return None
-    if transformers.__version__ not in TESTED_TRANSFORMERS:
-        _fall_back("batched generation", f"tested with transformers {', '.join(TESTED_TRANSFORMERS)} only")
-        return None
+    if attentions is None and isinstance(model.decoder, TrOCRForCausalLM):
+        _fall_back("batched generation", "the TrOCR decoder's layers have no TrOCRAttention encoder_attn")
     return attentions
 
 
@@ -270,10 +277,9 @@ def encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def generate(model, pixel_values: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
     """`model.generate(pixel_values=pixel_values, **generate_kwargs)`: the same sequences,
     computed as the module docstring says."""
-    attentions = _per_line_attentions(model, generate_kwargs)
-    if attentions is None:
+    if _per_line_attentions(model, generate_kwargs) is None:
         return model.generate(pixel_values=pixel_values, **generate_kwargs)
-    return _generate(model, attentions, encode(model, pixel_values), **generate_kwargs)
+    return _generate(model, encode(model, pixel_values), **generate_kwargs)
 
 
 def _line_cache(model, batch: _Batch, generate_kwargs: dict) -> dict:
@@ -285,7 +291,7 @@ def _line_cache(model, batch: _Batch, generate_kwargs: dict) -> dict:
         return {}  # a cache of the caller's kind: lines stay
     name = _cache_keyword(model)
     if name is None:
-        _fall_back("leaving finished lines out", f"{type(model).__name__}.forward takes none of {CACHE_KEYWORDS}")
+        batch.missing["leave_out"] = f"{type(model).__name__}.forward takes none of {CACHE_KEYWORDS}"
         return {}
     batch.cache = _LineCache(model.config.get_text_config(decoder=True), batch)
     return {name: batch.cache}
@@ -315,38 +321,56 @@ def _engaged(model, batch: _Batch, attentions: list[TrOCRAttention], check):
 
 
 def _beam_watch(model, batch: _Batch, num_beams: int, off: set):
-    """The beam search test to watch, where lines can leave; a missing one is warned."""
+    """The beam search test to watch, where lines can leave; a missing one is noted."""
     if num_beams == 1 or batch.cache is None or not batch.leave_out or "early_stop" in off:
         return None
     check, reason = _early_stop_check(model)
     if check is None:
-        _fall_back(f"finished beam search lines ({EARLY_STOP})", reason)
+        batch.missing["early_stop"] = reason
     return check
 
 
-def _generate(model, attentions: list[TrOCRAttention], states: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
-    config, off = model.generation_config, _switched_off()
+def run(model, states: torch.Tensor, off: set, generate_kwargs: dict) -> tuple[torch.LongTensor | None, _Batch]:
+    """One generate call through the fast path less the parts in `off`: its sequences (None
+    where the decoder went round the per-line cross-attention) and what engaged."""
+    config = model.generation_config
     eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=states.device)
     batch = _Batch(model, states, eos, off)
     if generate_kwargs.get("do_sample", config.do_sample):
         batch.leave_out = False  # left-out rows' logits would change what sampling draws for the others
     if batch.leave_out and not hasattr(EncoderDecoderCache, "batch_select_indices"):
-        batch.leave_out = False
-        _fall_back("leaving finished lines out", "EncoderDecoderCache has no batch_select_indices")
+        batch.leave_out, batch.missing["leave_out"] = False, "EncoderDecoderCache has no batch_select_indices"
     cache = _line_cache(model, batch, generate_kwargs)
     check = _beam_watch(model, batch, generate_kwargs.get("num_beams", config.num_beams) or 1, off)
     # With the per-line cross-attention generate only needs the decoder: the encoder output
     # it carries (expanded to the beams, projected at every step) is a placeholder of one position.
     carried = states.new_zeros(len(states), 1, states.shape[-1]) if batch.per_line else states
     try:
-        with _engaged(model, batch, attentions, check):
+        with _engaged(model, batch, _cross_attentions(model), check):
             sequences = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=carried),
                                        **cache, **generate_kwargs)
     except _PerLineOff:
-        _fall_back("per-line cross-attention", "the decoder did not call its encoder_attn modules' forward")
+        batch.missing["per_line"] = "the decoder did not call its encoder_attn modules' forward"
+        return None, batch
+    batch.note_hooks_not_called(watching=check is not None)
+    return sequences, batch
+
+
+def _generate(model, states: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
+    """`run` without the parts switched off or not proven on this model's configuration."""
+    off = _switched_off()
+    beam = (generate_kwargs.get("num_beams", model.generation_config.num_beams) or 1) > 1
+    for part, reason in generation_proof.proven(model, beam, run).items():
+        if reason is not None and part not in off:
+            _fall_back(_label(part), reason)
+            off.add(part)
+    sequences, batch = run(model, states, off, generate_kwargs)
+    for part, reason in batch.missing.items():
+        if part not in off:  # counted above
+            _fall_back(_label(part), reason)
+    if sequences is None:
         return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **generate_kwargs)
-    batch.report(watching=check is not None)
     return sequences
 
 
@@ -363,11 +387,10 @@ def generating_per_line(model):
     encoded = []  # [pixel values, encoder output] of the last generate call
 
     def routed(pixel_values=None, **generate_kwargs):
-        attentions = _per_line_attentions(model, generate_kwargs) if pixel_values is not None else None
-        if attentions is None:  # e.g. generate's own call, with the placeholder
-            return stock_generate(pixel_values=pixel_values, **generate_kwargs)
+        if pixel_values is None or _per_line_attentions(model, generate_kwargs) is None:
+            return stock_generate(pixel_values=pixel_values, **generate_kwargs)  # e.g. generate's own call
         encoded[:] = [pixel_values, encode(model, pixel_values)]
-        return _generate(model, attentions, encoded[1], **generate_kwargs)
+        return _generate(model, encoded[1], **generate_kwargs)
 
     def reuse_encoder_output(module, args, kwargs):
         if encoded and kwargs.get("pixel_values") is encoded[0] and kwargs.get("encoder_outputs") is None:
