@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 # build by default (on Linux PyPI's torch is the CUDA build, gigabytes). An environment that already
 # has torch keeps it. A CUDA build: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 # (any index of pytorch.org/get-started/locally). Where TORCH_INDEX cannot be reached, torch comes
-# from PyPI, said in a log line (TORCH_INDEX=https://pypi.org/simple to ask for that).
+# from PyPI, said in a log line (TORCH_INDEX set to PyPI's simple index asks for that).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 LATEST := .venv-latest
