@@ -92,7 +92,11 @@ def read_batch(batch, texts=None) -> tuple[torch.Tensor, torch.Tensor, list[str]
         batch = {"pixel_values": batch[0], "labels": batch[1], **({"texts": batch[2]} if len(batch) > 2 else {})}
     if texts is None and isinstance(batch, Mapping):
         texts = batch.get("texts")
-    return validate_batch(batch, texts)
+    pixel_values, labels, texts = validate_batch(batch, texts)
+    if labels.numel() == 0:
+        raise ValueError(f"an empty batch or empty labels: labels {tuple(labels.shape)}, pixel_values "
+                         f"{tuple(pixel_values.shape)}")
+    return pixel_values, labels, texts
 
 
 def validate_batch(batch, texts) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
@@ -109,7 +113,7 @@ def validate_batch(batch, texts) -> tuple[torch.Tensor, torch.Tensor, list[str] 
         raise ValueError(f"pixel_values is {shape}: expected a tensor (batch, channels, height, width)")
     if not pixel_values.is_floating_point():
         raise ValueError(f"pixel_values are {pixel_values.dtype}: the model takes the processor's float values")
-    if labels.dim() != 2 or labels.is_floating_point() or labels.numel() == 0:
+    if labels.dim() != 2 or labels.is_floating_point():
         raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}: expected integer ids (batch, length)")
     if len(labels) != len(pixel_values):
         raise ValueError(f"{len(pixel_values)} images (pixel_values) but {len(labels)} label rows")
