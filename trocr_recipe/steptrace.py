@@ -539,7 +539,8 @@ def _token_losses(model, batch, tokens, longest: int) -> dict[tuple, dict]:
 
 
 def _sums(losses: torch.Tensor, counted: torch.Tensor) -> dict:
-    kept = losses * counted
+    """Summed in float64: reductions equal by arithmetic (one width for every line) stay equal."""
+    kept = losses.double() * counted
     return {"sum": float(kept.sum()), "tokens": int(counted.sum()), "lines": len(losses),
             "line_means": float((kept.sum(1) / counted.sum(1).clamp(min=1)).sum())}
 
