@@ -46,9 +46,9 @@ def load_processor(model_args) -> TrOCRProcessor:
             raise
         build = BUILT_BY_MAKE.get(os.path.normpath(name))
         hint = f" Run `{build}` first: it builds {name}." if build else ""
-        where = (f" (looked in {os.path.abspath(name)}: a recipe's paths are relative to the folder you run from; "
-                 "run from the repository root or give the path from here)")
-        raise SystemExit(f"{name}: no such local folder{where}, and not loadable as a Hub id ({error}).{hint}") from None
+        where = (f"no such local folder (looked in {os.path.abspath(name)}: a recipe's paths are relative to the "
+                 "folder you run from; run from the repository root or give the path from here)")
+        raise SystemExit(f"{name}: {where}, and not loadable as a Hub id ({error}).{hint}") from None
     # The released checkpoints' processor configs say bilinear; the saved processor must say what training did.
     old = processor.image_processor.resample
     if old != Image.BICUBIC:

@@ -341,8 +341,8 @@ class StepTrace(TrainerCallback):
             name = f"step_{state.global_step:06d}_{micro_step}.safetensors"
             save_file({"pixel_values": pixels.contiguous(), "labels": labels.contiguous()}, self.trace_dir / name)
             count = int(labels.ne(-100).sum())
-            parts.append({"file": name, "ids": [self.ids[row] for row in rows], "texts": [self.texts[row] for row in rows],
-                          "label_tokens": count})
+            parts.append({"file": name, "ids": [self.ids[row] for row in rows],
+                          "texts": [self.texts[row] for row in rows], "label_tokens": count})
             tokens += count
         self.pending = []
         row = {"step": state.global_step, "loss": logs["loss"], "label_tokens": tokens,
