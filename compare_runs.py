@@ -578,15 +578,18 @@ def loss_cause(a: Run, b: Run, cause_rtol: float) -> Cause:
 
 def closest_variant(variants: list[tuple[str, float, str]], theirs: float, listed: int = 3):
     """The variant nearest their loss, the simplest combination among those the batch cannot
-    tell apart from it (a barely trained model's losses lie close; equal ones are equal
-    mathematically), and up to `listed` others as near: (name, value, fix, [others])."""
+    tell apart from it (a barely trained model's losses lie close), and up to `listed` others
+    as near: (name, value, fix, [others])."""
     gaps = [relative_gap(value, theirs) for _, value, _ in variants]
     near = max(10 * min(gaps), 1e-6)
     ties = sorted((name.count(" + "), gap, i) for i, (gap, (name, _, _)) in enumerate(zip(gaps, variants))
                   if gap <= near)
     name, value, fix = variants[ties[0][2]]
-    also = [f"'{variants[i][0]}' ({variants[i][1]:.6g})" for _, _, i in sorted(ties[1:], key=lambda t: t[1])[:listed]]
-    return name, value, fix, also
+    parts = set(name.split(" + "))
+    # Left out: the named variant plus a part that changes nothing here (equal by arithmetic).
+    others = [i for _, _, i in sorted(ties[1:], key=lambda t: t[1])
+              if not (parts < set(variants[i][0].split(" + ")) and relative_gap(variants[i][1], value) < 1e-9)]
+    return name, value, fix, [f"'{variants[i][0]}' ({variants[i][1]:.6g})" for i in others[:listed]]
 
 
 def optimizer_cause(a: Run, b: Run, parting: int | None, rtol: float) -> Cause:

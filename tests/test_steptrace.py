@@ -57,7 +57,8 @@ def users_code(processor, mistakes=(), step_tokens=False):
         if "bos" in mistakes:  # the tokenizer's default: <s> text </s>
             ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids
         else:
-            ids = [t[: MAX_LENGTH - 1] + [tokenizer.eos_token_id] for t in tokenizer(texts, add_special_tokens=False).input_ids]
+            tokens = tokenizer(texts, add_special_tokens=False).input_ids
+            ids = [t[: MAX_LENGTH - 1] + [tokenizer.eos_token_id] for t in tokens]
             ids = [i + [tokenizer.pad_token_id] * (MAX_LENGTH - len(i)) for i in ids]
         labels = torch.tensor(ids)
         return labels if "pad" in mistakes else labels.masked_fill(labels.eq(tokenizer.pad_token_id), -100)

@@ -349,8 +349,8 @@ class StepTrace(TrainerCallback):
             name = f"step_{state.global_step:06d}_{micro_step}.safetensors"
             save_file({"pixel_values": pixels.contiguous(), "labels": labels.contiguous()}, self.trace_dir / name)
             count = int(labels.ne(-100).sum())
-            parts.append({"file": name, "ids": [self.ids[row] for row in rows], "texts": [self.texts[row] for row in rows],
-                          "label_tokens": count})
+            parts.append({"file": name, "ids": [self.ids[row] for row in rows],
+                          "texts": [self.texts[row] for row in rows], "label_tokens": count})
             tokens += count
         self.pending = []
         row = {"step": state.global_step, "loss": logs["loss"], "label_tokens": tokens,
@@ -547,7 +547,8 @@ def _token_losses(model, batch, tokens, longest: int) -> dict[tuple, dict]:
 
 
 def _sums(losses: torch.Tensor, counted: torch.Tensor) -> dict:
-    kept = losses * counted
+    """Summed in float64: reductions equal by arithmetic (one width for every line) stay equal."""
+    kept = losses.double() * counted
     return {"sum": float(kept.sum()), "tokens": int(counted.sum()), "lines": len(losses),
             "line_means": float((kept.sum(1) / counted.sum(1).clamp(min=1)).sum())}
 
