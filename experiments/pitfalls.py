@@ -449,12 +449,17 @@ def unexpected(rows: list[dict], dataset: str, own_domain: bool = False) -> list
     return found
 
 
+def fine_tuned(args, reference: dict) -> str:
+    """The set-up every row shares, as the tables open with it (left open for more)."""
+    return (f"`{args.model}` fine-tuned for {args.max_steps} steps on the `{args.dataset}` training split (batch "
+            f"{reference['batch_size']}, learning rate {args.learning_rate:g} with {args.warmup_steps} warmup steps")
+
+
 def markdown(rows: list[dict], args) -> str:
     reference = rows[0]
     lines = [
-        f"`{args.model}` fine-tuned for {args.max_steps} steps on the `{args.dataset}` training split (batch "
-        f"{reference['batch_size']}, learning rate {args.learning_rate:g} with {args.warmup_steps} warmup steps, "
-        f"seed {reference['seed']}, the same data order in every row). CER: corpus-level, on the first "
+        f"{fine_tuned(args, reference)}, seed {reference['seed']}, the same data order in every row). CER: "
+        f"corpus-level, on the first "
         f"{args.eval_samples} lines of the {args.split} split, with generate() unless the row says otherwise; "
         f"baseline is the starting checkpoint scored the way the row scores. Final training loss: mean of "
         f"the last {LOSS_WINDOW} steps (\"loss down\" compares it with the first {LOSS_WINDOW}).",
@@ -506,8 +511,7 @@ def markdown_seeds(rows: list[dict], args) -> str:
     """The table over several seeds: mean and range, and the verdict only beyond the spread."""
     reference = rows[0]
     lines = [
-        f"`{args.model}` fine-tuned for {args.max_steps} steps on `{args.dataset}` (batch {reference['batch_size']}, "
-        f"learning rate {args.learning_rate:g} with {args.warmup_steps} warmup steps), once per seed "
+        f"{fine_tuned(args, reference)}), once per seed "
         f"({', '.join(map(str, reference['seeds']))}: data order, dropout, augmentation). CER on the first "
         f"{args.eval_samples} lines of the {args.split} split, generate() unless the row says otherwise. The "
         f"reference's CER after spans {reference['reference_range']:.2f} points over the seeds: a row \"ends worse\" "
