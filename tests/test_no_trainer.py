@@ -201,8 +201,8 @@ def test_a_loop_that_keeps_bos_departs_at_step_1(runs, tiny_args, tmp_path, monk
 def test_resume_from_the_last_complete_checkpoint(tiny_args, tmp_path, caplog):
     """Stopped after step 4, started again: it skips the incomplete checkpoint-6, resumes
     from checkpoint-4, and steps 5-8 are those of the run that was never stopped (dropout
-    on; augmentation off: see the resume comments in trocr_recipe/loop.py,
-    Progress.optimizer_steps)."""
+    on; augmentation off: see the resume comments in trocr_recipe/loop_checkpoints.py,
+    Resume)."""
     flags = ["--no_augment", "--eval_steps", "4", "--save_steps", "4", "--do_predict", "false"]
     whole = tmp_path / "whole"
     run_trocr_no_trainer.main(tiny_args + flags + ["--max_steps", "8", "--output_dir", str(whole)])
