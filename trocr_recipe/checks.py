@@ -45,7 +45,8 @@ def _checkpoint_own(loader, model_args):
         return None
     try:
         return loader.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir
+            model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            trust_remote_code=False,  # never a folder's own code (modeling.pretrained says why)
         )
     except (OSError, ValueError):
         return None
