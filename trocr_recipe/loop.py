@@ -4,6 +4,8 @@ schedule, the count of steps and epochs, when to evaluate and save, checkpoints 
 exactly where a run stopped, and the logs. The comments marked "Trainer:" name what the
 Trainer does that a hand-written loop easily misses."""
 
+from . import recipe_only  # noqa: F401, I001  (first: an older transformers is named at import)
+
 import json
 import logging
 import math
