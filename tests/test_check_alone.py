@@ -1,5 +1,5 @@
 """The checks of your own loop stand alone: they import none of the recipe's modules (which
-need transformers 5.10 and say so at import), so they also run in a researcher's environment
+need transformers 5.23 and say so at import), so they also run in a researcher's environment
 on transformers 4.46 (`make test-check` runs this file there)."""
 
 import importlib
@@ -27,5 +27,5 @@ def test_the_recipe_names_the_transformers_it_needs(module, monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.46.3")
     for name in ("trocr_recipe.recipe_only", module):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    with pytest.raises(ImportError, match=r"needs transformers>=5\.10, this environment has 4\.46\.3: pip install"):
+    with pytest.raises(ImportError, match=r"needs transformers>=5\.23, this environment has 4\.46\.3: pip install"):
         importlib.import_module(module)

@@ -5,7 +5,7 @@ own loop (loopcheck, check_loop.py, compare_runs.py, ReferenceBatches, StepLog) 
 import transformers
 from packaging.version import Version
 
-RECIPE_TRANSFORMERS = "5.10"  # requirements.txt; the checks need requirements/base.txt's 4.46
+RECIPE_TRANSFORMERS = "5.23"  # requirements.txt; the checks need requirements/base.txt's 4.46
 
 if Version(transformers.__version__) < Version(RECIPE_TRANSFORMERS):
     raise ImportError(
