@@ -24,8 +24,11 @@ def test_the_checks_import_none_of_the_recipe():
 
 @pytest.mark.parametrize("module", RECIPE)
 def test_the_recipe_names_the_transformers_it_needs(module, monkeypatch):
+    import trocr_recipe
+
     monkeypatch.setattr(transformers, "__version__", "4.46.3")
-    for name in ("trocr_recipe.recipe_only", module):
+    for name in ("trocr_recipe.recipe_only", module):  # imported afresh, the guard with them
         monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.delattr(trocr_recipe, name.rsplit(".", 1)[1], raising=False)
     with pytest.raises(ImportError, match=r"needs transformers>=5\.23, this environment has 4\.46\.3: pip install"):
         importlib.import_module(module)
