@@ -13,6 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 LATEST := .venv-latest
 LOWEST := .venv-lowest
+CHECK := .venv-check
 UV := .venv-lock/bin/uv
 
 # $(call install_torch,VENV)
@@ -26,7 +27,7 @@ torch_held = $(1)/bin/python -c "import torch; print('torch==' + torch.__version
 versions = $(1)/bin/python -c "import torch, transformers, accelerate, datasets, tokenizers; \
 	print('$(2):', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, datasets, tokenizers)))"
 
-.PHONY: setup demo tiny test test-latest test-lowest lock clean
+.PHONY: setup demo tiny test test-latest test-lowest test-check lock clean
 
 setup: $(VENV)/.installed
 
@@ -102,6 +103,23 @@ test-lowest: $(UV)
 	$(LOWEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	$(call versions,$(LOWEST),lowest)
 	$(LOWEST)/bin/python -m pytest tests
+
+# The checks of your own loop alone, in an environment as a researcher's on the oldest transformers
+# they serve: torch, then CHECK_TRANSFORMERS, then this project with its tests' extra, naming that
+# transformers (else pip may upgrade it to take the newest datasets), then their tests.
+CHECK_TRANSFORMERS ?= transformers==4.46.3
+CHECK_TESTS := tests/test_check_alone.py tests/test_loopcheck.py tests/test_compare_runs.py \
+	$(addprefix tests/test_examples.py::test_,the_check_tools_come_from_the_installed_project \
+	check_names_each_mistake_of_the_broken_loop check_passes_the_fixed_loop check_loop_cli_on_a_saved_batch \
+	the_loop_trains_without_the_project)
+test-check:
+	@test -x $(CHECK)/bin/python || $(PYTHON) -m venv $(CHECK)
+	$(CHECK)/bin/pip install --quiet --upgrade pip
+	$(call install_torch,$(CHECK))
+	$(CHECK)/bin/pip install --quiet "$(CHECK_TRANSFORMERS)"
+	$(CHECK)/bin/pip install --quiet -e ".[test]" "$(CHECK_TRANSFORMERS)"
+	$(call versions,$(CHECK),check)
+	$(CHECK)/bin/python -m pytest $(CHECK_TESTS)
 
 # Rewrites requirements.lock: the newest versions in range, less what requirements.lock.in holds back.
 # torch is left out (it is installed first, TORCH_SPEC from TORCH_INDEX).

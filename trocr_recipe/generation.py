@@ -10,6 +10,8 @@ process, a count in FALLBACKS (a run's all_results.json: generation_fast_path_fa
 stock results.
 """
 
+from . import recipe_only  # noqa: F401, I001  (first: an older transformers is named at import)
+
 import contextlib
 import inspect
 import os

@@ -2,6 +2,8 @@
 it, so that both runs match step for step: the arguments it implements, the seed, the
 accelerator, the data loaders and TensorBoard. Nothing here imports the Trainer."""
 
+from . import recipe_only  # noqa: F401, I001  (first: an older transformers is named at import)
+
 import logging
 import os
 from copy import deepcopy

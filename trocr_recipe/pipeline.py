@@ -2,6 +2,8 @@
 and processor with their special tokens, the splits checked (trocr_recipe/validate.py) and
 with labels, the generation config, the on-the-fly image transforms and the collator."""
 
+from . import recipe_only  # noqa: F401, I001  (first: an older transformers is named at import)
+
 import logging
 import os
 import sys

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .checks import pitfall_doc
 from .data import OcrCollator
@@ -286,6 +285,8 @@ def configure_trace_run(model_args, data_args, training_args):
         data_args.augment = False
     logger.info("Trace mode: evaluation, prediction and checkpoints skipped; the run stops after step %d", steps)
     training_args.do_eval = training_args.do_predict = training_args.load_best_model_at_end = False
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy  # the recipe's: SaveStrategy is new in 4.47
+
     training_args.eval_strategy, training_args.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
     data_args.early_stopping_patience = None
     return StepTrace(training_args.output_dir, model_args)
