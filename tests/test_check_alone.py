@@ -11,7 +11,7 @@ import transformers
 
 from conftest import ROOT
 
-RECIPE = ("trocr_recipe.loop", "trocr_recipe.trainer", "trocr_recipe.generation", "trocr_recipe.pipeline")
+RECIPE = ("trocr_recipe.loop_setup", "trocr_recipe.trainer", "trocr_recipe.generation", "trocr_recipe.pipeline")
 
 
 def test_the_checks_import_none_of_the_recipe():
