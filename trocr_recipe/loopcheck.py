@@ -19,10 +19,12 @@ The step-by-step comparison's two pieces are here too (from trocr_recipe.steptra
 the log `compare_runs.py` reads.
 """
 
+import sys
 from collections.abc import Callable, Mapping
 
 import torch
 
+from .data import encode_labels
 from .pitfalls import PITFALLS_DOC, Finding, Subject, run_checks
 from .pitfalls.core import IGNORE_INDEX
 from .pitfalls.generation import config_generation_settings, effective_generation
@@ -141,9 +143,8 @@ def _as_labels(labels) -> torch.Tensor:
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """The recipe's labels of `texts`: text ids without special tokens, then `</s>`."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [row + [tokenizer.eos_token_id] for row in ids]
+    """The recipe's labels of `texts` (data.encode_labels), none truncated."""
+    return encode_labels(tokenizer, list(texts), max_target_length=sys.maxsize)[0]
 
 
 def format_findings(findings: list[Finding]) -> str:
