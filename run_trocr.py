@@ -199,6 +199,9 @@ def main(argv=None):
         trainer.push_to_hub(commit_message="TrOCR fine-tuned with run_trocr.py")
         if trainer.is_world_process_zero():
             logger.info("Pushed %s to the Hub repo %s", training_args.output_dir, trainer.hub_model_id)
+    # Every rank leaves the process group together: a gloo rank that exits with it still
+    # open can abort at interpreter shutdown after all its work is done.
+    trainer.accelerator.end_training()
     return results
 
 
