@@ -20,6 +20,10 @@ from test_no_trainer import one_thread  # noqa: F401 (autouse: one thread per ru
 from trocr_recipe.outputs import read_jsonl
 from trocr_recipe.trainable import set_trainable
 
+sys.path.insert(0, str(ROOT / "experiments"))
+import worked_methods as methods_experiment  # noqa: E402
+from worked_methods import script_with, worked_methods  # noqa: E402
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TRAINER_MODULES = ("transformers.trainer", "transformers.trainer_seq2seq", "trocr_recipe.trainer")
 
@@ -126,22 +130,11 @@ def test_metric_for_best_model_wer_compares_wer_with_the_wer_baseline(script, ti
         assert all(torch.equal(tensor, start[name]) for name, tensor in saved.items())
 
 
-def worked_methods() -> list[str]:
-    """The diffs of docs/custom_loop.md's worked methods, in order."""
-    text = (ROOT / "docs" / "custom_loop.md").read_text(encoding="utf-8")
-    return re.findall(r"```diff\n(.*?)```", text, flags=re.DOTALL)
-
-
 def run_with_method(tmp_path, diff: str, tiny_args, method: dict):
     """The docs' diff applied to a copy of run_trocr_no_trainer.py, run a few steps."""
-    folder = tmp_path / "method"
-    folder.mkdir()
-    (folder / "run_trocr_no_trainer.py").write_text((ROOT / "run_trocr_no_trainer.py").read_text())
-    (folder / "method.diff").write_text(diff)
-    applied = subprocess.run(["git", "apply", "method.diff"], cwd=folder, capture_output=True, text=True)
-    assert applied.returncode == 0, applied.stderr
+    script = script_with(diff, tmp_path / "method")
     output_dir = tmp_path / "with_method"
-    command = [sys.executable, str(folder / "run_trocr_no_trainer.py"), *tiny_args[:-1], str(output_dir),
+    command = [sys.executable, str(script), *tiny_args[:-1], str(output_dir),
                *METHOD_STEPS, "--method", json.dumps(method)]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -194,3 +187,18 @@ def test_method_is_a_json_object_and_only_the_plain_loop_reads_it(tiny_args):
         run_trocr_no_trainer.main(tiny_args + ["--method", "[0.1]"])
     with pytest.raises(SystemExit, match="method: run_trocr.py does not read it"):
         run_trocr.main(tiny_args + ["--method", '{"entropy_weight": 0.1}'])
+
+
+def test_the_methods_experiment_runs_on_the_tiny_model(tiny_args, tmp_path):
+    """experiments/worked_methods.py: every method of the docs run and tabled against the plain loop."""
+    out = tmp_path / "methods"
+    recipe, extra = tiny_args[0], tiny_args[1:-2]  # the tiny recipe; its model and data; not --output_dir
+    methods_experiment.main(["--recipe", recipe, "--seeds", "42", "--output_dir", str(out), "--", *extra,
+                             "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                             "--load_best_model_at_end", "false", "--baseline_test", "true"])
+    table = (out / "methods.md").read_text()
+    assert len(re.findall(r"^\| (plain|extra loss|layer-wise)", table, flags=re.M)) == 3
+    assert "| plain fine-tuning |" in table and "+0.00 (+0.00 to +0.00)" in table
+    runs = json.loads((out / "methods.json").read_text())["runs"]
+    assert [len(rows) for rows in runs.values()] == [1, 1, 1]
+    assert all("test_cer" in rows[0] for rows in runs.values())
