@@ -16,13 +16,18 @@ LOWEST := .venv-lowest
 CHECK := .venv-check
 UV := .venv-lock/bin/uv
 
-# $(call install_torch,VENV)
+# The lower ends of torch: the recipe's (requirements.txt), run by make test-lowest, and the checks'
+# alone (requirements/base.txt), run by make test-check.
+LOWEST_TORCH := $(shell sed -n 's/^torch>=\([0-9.]*\).*/torch==\1/p' requirements.txt)
+CHECK_TORCH := $(shell sed -n 's/^torch>=\([0-9.]*\).*/torch==\1/p' requirements/base.txt)
+
+# $(call install_torch,VENV[,SPEC]): SPEC (TORCH_SPEC by default) from TORCH_INDEX, unless VENV has torch.
 install_torch = $(1)/bin/python -c "import torch" 2>/dev/null \
-	|| $(1)/bin/pip install --quiet --retries 1 --timeout 20 --index-url $(TORCH_INDEX) "$(TORCH_SPEC)" \
-	|| { echo "torch: $(TORCH_INDEX) cannot be reached: $(TORCH_SPEC) from PyPI instead (on Linux, the CUDA build)"; \
-	     $(1)/bin/pip install --quiet "$(TORCH_SPEC)"; }
+	|| $(1)/bin/pip install --quiet --retries 1 --timeout 20 --index-url $(TORCH_INDEX) "$(or $(2),$(TORCH_SPEC))" \
+	|| { echo "torch: $(TORCH_INDEX) cannot be reached: $(or $(2),$(TORCH_SPEC)) from PyPI instead (on Linux, the CUDA build)"; \
+	     $(1)/bin/pip install --quiet "$(or $(2),$(TORCH_SPEC))"; }
 # $(call torch_held,VENV): a constraint file holding the installed torch, so that no later step swaps it.
-torch_held = $(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(1)/torch-held.txt
+torch_held = $(1)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(1)/torch-held.txt
 # $(call versions,VENV,NAME): one line naming what the environment runs.
 versions = $(1)/bin/python -c "import torch, transformers, accelerate, datasets, tokenizers; \
 	print('$(2):', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, datasets, tokenizers)))"
@@ -90,11 +95,11 @@ $(UV):
 	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv
 
 # The lowest releases requirements.txt allows (its ranges' lower ends; the packages they need as uv
-# resolves them), exact, in an environment of their own; torch as installed first (TORCH_SPEC).
+# resolves them), exact, in an environment of their own; torch first, at its lower end there (LOWEST_TORCH).
 test-lowest: $(UV)
 	@test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/pip install --quiet --upgrade pip
-	$(call install_torch,$(LOWEST))
+	$(call install_torch,$(LOWEST),$(LOWEST_TORCH))
 	$(call torch_held,$(LOWEST))
 	printf 'torch\n' > $(LOWEST)/excludes.txt
 	$(UV) pip compile requirements.txt --resolution lowest-direct --excludes $(LOWEST)/excludes.txt \
@@ -115,7 +120,7 @@ CHECK_TESTS := tests/test_check_alone.py tests/test_loopcheck.py tests/test_comp
 test-check:
 	@test -x $(CHECK)/bin/python || $(PYTHON) -m venv $(CHECK)
 	$(CHECK)/bin/pip install --quiet --upgrade pip
-	$(call install_torch,$(CHECK))
+	$(call install_torch,$(CHECK),$(CHECK_TORCH))
 	$(CHECK)/bin/pip install --quiet "$(CHECK_TRANSFORMERS)"
 	$(CHECK)/bin/pip freeze --exclude-editable | sort > $(CHECK)/before.txt
 	$(CHECK)/bin/pip install --quiet -e .
