@@ -16,10 +16,8 @@ LOWEST := .venv-lowest
 CHECK := .venv-check
 UV := .venv-lock/bin/uv
 
-# The lower ends of torch: the recipe's (requirements.txt), run by make test-lowest, and the checks'
-# alone (requirements/base.txt), run by make test-check.
-LOWEST_TORCH := $(shell sed -n 's/^torch>=\([0-9.]*\).*/torch==\1/p' requirements.txt)
-CHECK_TORCH := $(shell sed -n 's/^torch>=\([0-9.]*\).*/torch==\1/p' requirements/base.txt)
+# torch at the lower end of its range (requirements/base.txt), for make test-lowest and make test-check.
+LOWEST_TORCH := $(shell sed -n 's/^torch>=\([0-9.]*\).*/torch==\1/p' requirements/base.txt)
 
 # $(call install_torch,VENV[,SPEC]): SPEC (TORCH_SPEC by default) from TORCH_INDEX, unless VENV has torch.
 install_torch = $(1)/bin/python -c "import torch" 2>/dev/null \
@@ -80,7 +78,7 @@ test: setup
 	$(BIN)/python -m pytest tests
 
 # The newest releases requirements.txt allows, upgraded at every call, in an environment of their own
-# (torch as installed first: TORCH_SPEC="torch>=2.4,<2.14" for the newest in range).
+# (torch as installed first: TORCH_SPEC="torch>=2.6,<2.14" for the newest in range).
 test-latest:
 	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
@@ -120,7 +118,7 @@ CHECK_TESTS := tests/test_check_alone.py tests/test_loopcheck.py tests/test_comp
 test-check:
 	@test -x $(CHECK)/bin/python || $(PYTHON) -m venv $(CHECK)
 	$(CHECK)/bin/pip install --quiet --upgrade pip
-	$(call install_torch,$(CHECK),$(CHECK_TORCH))
+	$(call install_torch,$(CHECK),$(LOWEST_TORCH))
 	$(CHECK)/bin/pip install --quiet "$(CHECK_TRANSFORMERS)"
 	$(CHECK)/bin/pip freeze --exclude-editable | sort > $(CHECK)/before.txt
 	$(CHECK)/bin/pip install --quiet -e .
