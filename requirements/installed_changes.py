@@ -3,6 +3,7 @@ Exits 1 when a package already installed was upgraded or removed, or when a test
 package came in; a downgrade (pip fitting a new package to what is there) is printed."""
 
 import sys
+from pathlib import Path
 
 from packaging.version import Version
 
@@ -11,7 +12,7 @@ UNWANTED = ("pytest", "hypothesis", "fontpkg")  # the extras [test] and [demo]
 
 def pins(path: str) -> dict[str, str]:
     """name -> version of each `name==version` line of a `pip freeze` file."""
-    lines = (line.strip() for line in open(path, encoding="utf-8"))
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
     return dict(line.lower().split("==", 1) for line in lines if "==" in line)
 
 
