@@ -507,6 +507,11 @@ def across_seeds(runs: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def mean_range(values: list[float], spec: str = ".2f") -> str:
+    """`mean (lowest to highest)`, each formatted with `spec`: a figure over seeds, as the tables give it."""
+    return f"{float(np.mean(values)):{spec}} ({min(values):{spec}} to {max(values):{spec}})"
+
+
 def markdown_seeds(rows: list[dict], args) -> str:
     """The table over several seeds: mean and range, and the verdict only beyond the spread."""
     reference = rows[0]
@@ -522,8 +527,8 @@ def markdown_seeds(rows: list[dict], args) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['title']} | {row['baseline_cer']:.2f} | {row['cer_mean']:.2f} ({min(row['cers']):.2f} to "
-            f"{max(row['cers']):.2f}) | {row['gap_mean']:+.2f} ({min(row['gaps']):+.2f} to {max(row['gaps']):+.2f}) | "
+            f"| {row['title']} | {row['baseline_cer']:.2f} | {mean_range(row['cers'])} | "
+            f"{mean_range(row['gaps'], '+.2f')} | "
             f"{'-' if row['name'] == 'reference' else 'yes' if row['ends_worse'] else 'within the spread'} |"
         )
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ change: each diff applied to a copy of run_trocr_no_trainer.py, the demo's stage
 it once per seed, beside the plain loop on the same recipe and seeds.
 
     make demo                                          # runs/demo and data/newhand
-    python experiments/worked_methods.py --seeds 42 43 44   # about 15 minutes on a 2-core CPU
+    python experiments/worked_methods.py --seeds 42 43 44   # about 10 minutes on a 2-core CPU
 
 Prints a Markdown table of test CER (mean and range over the seeds, and against the plain
 run of the same seed); writes it with every figure to <output_dir>/methods.md and
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
-from pitfalls import write_readme  # noqa: E402
+from pitfalls import mean_range, write_readme  # noqa: E402
 
 DOC = ROOT / "docs" / "custom_loop.md"
 START, END = "<!-- methods:start -->", "<!-- methods:end -->"
@@ -68,10 +68,6 @@ def run(script: Path, args, method: dict, seed: int, output_dir: Path) -> dict:
     return json.loads((output_dir / "all_results.json").read_text())
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):+.2f} ({min(values):+.2f} to {max(values):+.2f})"
-
-
 def markdown(table: dict, args) -> str:
     """Test CER per method over the seeds, and against the plain run of each seed."""
     plain = table["plain fine-tuning"]
@@ -83,8 +79,8 @@ def markdown(table: dict, args) -> str:
     for name, rows in table.items():
         cers = [row["test_cer"] for row in rows]
         gaps = [row["test_cer"] - base["test_cer"] for row, base in zip(rows, plain)]
-        lines.append(f"| {name} | {statistics.mean(cers):.2f} ({min(cers):.2f} to {max(cers):.2f}) | "
-                     f"{spread(gaps)} | {statistics.mean(row['eval_cer'] for row in rows):.2f} |")
+        lines.append(f"| {name} | {mean_range(cers)} | {mean_range(gaps, '+.2f')} | "
+                     f"{statistics.mean(row['eval_cer'] for row in rows):.2f} |")
     return "\n".join(lines) + "\n"
 
 
